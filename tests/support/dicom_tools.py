@@ -1,0 +1,147 @@
+"""Run the DICOM command-line checkers the tests rely on: dicom3tools and dcmtk.
+
+API (all take a path to a DICOM Part 10 file):
+
+- :func:`dciodvfy` runs ``dciodvfy`` (dicom3tools) and returns a :class:`DciodvfyReport`
+  with the ``errors`` and ``warnings`` lines split out.  Tests assert
+  ``report.errors == []``; the report's ``str()`` is the full output, for the failure
+  message::
+
+      report = dciodvfy(path)
+      assert not report.errors, report
+
+- :func:`dsr2html` renders an SR with dcmtk ``dsr2html`` and returns the HTML;
+  :func:`html_to_text` strips it to plain lines.  :func:`dsrdump` returns dcmtk's indented
+  text dump of an SR content tree.
+
+Each raises :class:`ToolError` when the tool cannot run or fails (dciodvfy excepted: its
+findings are the result).  :func:`require_tools` gives pytest a skip reason when a tool is
+not installed (``make system-deps`` installs them).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Seconds any one tool may run.
+TOOL_TIMEOUT_S = 60
+
+_ERROR_PREFIX = "Error - "
+_WARNING_PREFIX = "Warning - "
+
+
+class ToolError(RuntimeError):
+    """A command-line tool is missing, timed out or failed."""
+
+
+@dataclass(frozen=True)
+class DciodvfyReport:
+    """Outcome of ``dciodvfy`` on one file: its ``Error`` and ``Warning`` lines."""
+
+    path: Path
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+    output: str
+
+    def __str__(self) -> str:
+        return f"dciodvfy {self.path}:\n{self.output}"
+
+
+def missing_tools(names: Sequence[str]) -> list[str]:
+    """The tools among ``names`` that are not on ``PATH``."""
+    return [name for name in names if shutil.which(name) is None]
+
+
+def require_tools(*names: str) -> str | None:
+    """A skip reason naming the missing tools, or ``None`` when all are installed."""
+    missing = missing_tools(names)
+    if missing:
+        return f"not installed: {', '.join(missing)} (run `make system-deps`)"
+    return None
+
+
+def _run(argv: Sequence[str], *, check: bool) -> subprocess.CompletedProcess[str]:
+    if shutil.which(argv[0]) is None:
+        raise ToolError(f"{argv[0]} is not installed")
+    try:
+        proc = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise ToolError(f"{argv[0]} ran longer than {TOOL_TIMEOUT_S} s") from err
+    if check and proc.returncode != 0:
+        raise ToolError(
+            f"{' '.join(argv)} exited with {proc.returncode}:\n{proc.stderr}{proc.stdout}"
+        )
+    return proc
+
+
+def dciodvfy(path: str | Path) -> DciodvfyReport:
+    """Validate ``path`` against its IOD (PS3.3) with dicom3tools ``dciodvfy``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToolError(f"no such file: {path}")
+    proc = _run(["dciodvfy", str(path)], check=False)
+    output = proc.stdout + proc.stderr
+    lines = [line.strip() for line in output.splitlines()]
+    errors = tuple(line for line in lines if line.startswith(_ERROR_PREFIX))
+    warnings = tuple(line for line in lines if line.startswith(_WARNING_PREFIX))
+    if proc.returncode != 0 and not errors:
+        # Crashed or could not read the file: report it as an error, never as clean.
+        errors = (f"{_ERROR_PREFIX}dciodvfy exited with {proc.returncode}",)
+    return DciodvfyReport(path=path, errors=errors, warnings=warnings, output=output)
+
+
+def dsr2html(path: str | Path, *options: str) -> str:
+    """HTML rendering of the SR at ``path`` by dcmtk ``dsr2html`` (extra ``options`` first)."""
+    return _run(["dsr2html", *options, str(path)], check=True).stdout
+
+
+def dsrdump(path: str | Path, *options: str) -> str:
+    """Indented text dump of the SR content tree at ``path`` by dcmtk ``dsrdump``."""
+    return _run(["dsrdump", *options, str(path)], check=True).stdout
+
+
+_BLOCK_END = re.compile(r"(?i)<br\s*/?>|</(p|tr|h[1-6]|li|div|table|dt|dd)>")
+_DROPPED = re.compile(r"(?is)<(script|style|head)\b.*?</\1>")
+_TAG = re.compile(r"<[^>]+>")
+
+
+def html_to_text(markup: str) -> list[str]:
+    """Non-empty text lines of ``markup``, tags removed and entities decoded."""
+    text = _DROPPED.sub("", markup)
+    text = _BLOCK_END.sub("\n", text)
+    text = html.unescape(_TAG.sub("", text))
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def storescu(
+    paths: Sequence[str | Path],
+    *,
+    port: int,
+    called_aet: str,
+    calling_aet: str = "STORESCU",
+    host: str = "127.0.0.1",
+) -> str:
+    """Send files with dcmtk ``storescu`` (C-STORE, PS3.4 B); returns its log.
+
+    Raises :class:`ToolError` unless every file was stored with a success status.
+    """
+    # -R: propose exactly the SOP classes of the files (the defaults lack e.g. 3D SR).
+    argv = ["storescu", "-R", "-aet", calling_aet, "-aec", called_aet, host, str(port)]
+    proc = _run([*argv, *(str(p) for p in paths)], check=True)
+    log = proc.stdout + proc.stderr
+    if re.search(r"(?m)^[EF]: ", log):
+        raise ToolError(f"storescu reported errors:\n{log}")
+    return log
+
+
+def echoscu(*, port: int, called_aet: str, host: str = "127.0.0.1") -> None:
+    """Verify a DICOM peer with dcmtk ``echoscu`` (C-ECHO, PS3.4 A)."""
+    _run(["echoscu", "-aec", called_aet, host, str(port)], check=True)

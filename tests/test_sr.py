@@ -1,0 +1,450 @@
+"""The CoroNet SR: validation of results, deterministic UIDs, dciodvfy, dsr2html,
+round trip through pydicom + highdicom, and storage into a real Orthanc."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
+
+from tests.support.dicom_tools import dciodvfy, dsr2html, html_to_text, storescu
+from tests.support.orthanc import running_orthanc
+from worker import device
+from worker.results import AlgorithmInfo, Prediction, Unassessable
+from worker.sr import AI_NOTICE, CLASS_FINDINGS, DEFAULT_SERIES_DESCRIPTION, build_sr, read_sr
+from worker.uids import KIND_SC, KIND_SC_SERIES, KIND_SR, KIND_SR_SERIES, derived_uid, series_uid
+
+CLASS_NAMES = ("normal", "pneumonia", "COVID-19")
+MODEL_VERSION = "0.1.0+demo-phantom"
+SERIES_NUMBER = 901
+SERIES_DESCRIPTION = DEFAULT_SERIES_DESCRIPTION
+ALGORITHM = AlgorithmInfo(
+    name="CoroNet",
+    version=MODEL_VERSION,
+    weights_sha256="0123456789abcdef" * 4,
+    parameters={"input_size": "512", "classes": ",".join(CLASS_NAMES)},
+)
+
+
+def _testdata_path(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert isinstance(path, str), f"pydicom-data lacks {name}"
+    return Path(path)
+
+
+RG1 = _testdata_path("RG1_UNCR.dcm")
+
+
+def _rg1() -> Dataset:
+    return pydicom.dcmread(RG1)
+
+
+def _synthetic_source(tag: str) -> Dataset:
+    """A small CR image with RG1's header and new patient, study, series and SOP UIDs."""
+    ds = pydicom.dcmread(RG1)
+    ds.PatientName = f"Synthetic^{tag}"
+    ds.PatientID = f"SYN-{tag}"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Rows = ds.Columns = 64
+    ds.PixelData = np.zeros((64, 64), dtype=np.uint16).tobytes()
+    return ds
+
+
+def _prediction(probs: tuple[float, float, float]) -> Prediction:
+    probabilities = dict(zip(CLASS_NAMES, probs, strict=True))
+    return Prediction(CLASS_NAMES, probabilities, max(probabilities, key=probabilities.__getitem__))
+
+
+def _heatmap_for(source: Dataset) -> Dataset:
+    """A small Secondary Capture in the source's study, standing in for the attribution map."""
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[8:24, 8:24, 0] = 255
+    with warnings.catch_warnings():
+        # RG1's Referring Physician's Name "ward" has one component; highdicom warns.
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person")
+        return _sc_from(source, pixels)
+
+
+def _sc_from(source: Dataset, pixels: np.ndarray) -> Dataset:
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid(source.StudyInstanceUID, MODEL_VERSION, KIND_SC_SERIES),
+        series_number=902,
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, MODEL_VERSION, KIND_SC),
+        instance_number=1,
+        manufacturer=device.MANUFACTURER,
+        patient_orientation=("L", "F"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Result dataclasses
+# --------------------------------------------------------------------------------------------
+
+_GOOD_PROBS = {"normal": 0.1, "pneumonia": 0.2, "COVID-19": 0.7}
+
+
+@pytest.mark.parametrize(
+    ("class_names", "probabilities", "predicted", "message"),
+    [
+        (CLASS_NAMES, {"normal": 0.3, "pneumonia": 0.7}, "pneumonia", "expected exactly"),
+        (CLASS_NAMES, {**_GOOD_PROBS, "other": 0.0}, "COVID-19", "expected exactly"),
+        (CLASS_NAMES, {**_GOOD_PROBS, "normal": -0.1, "COVID-19": 0.9}, "COVID-19", "outside"),
+        (CLASS_NAMES, {**_GOOD_PROBS, "normal": math.nan}, "COVID-19", "outside"),
+        (CLASS_NAMES, {**_GOOD_PROBS, "COVID-19": 0.8}, "COVID-19", "sum to"),
+        (CLASS_NAMES, _GOOD_PROBS, "normal", "not the most probable"),
+        (CLASS_NAMES, _GOOD_PROBS, "influenza", "not one of"),
+        ((), {}, "normal", "must not be empty"),
+        (("normal", "normal"), {"normal": 1.0}, "normal", "unique"),
+        ("normal", {"normal": 1.0}, "normal", "not one string"),
+    ],
+)
+def test_prediction_rejects_bad_model_output(
+    class_names: tuple[str, ...], probabilities: dict[str, float], predicted: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        Prediction(class_names, probabilities, predicted)
+
+
+@pytest.mark.parametrize(
+    ("probs", "predicted"),
+    [
+        ((0.1, 0.2, 0.7), "COVID-19"),
+        ((0.98, 0.0105, 0.0095), "normal"),  # sums to 1 exactly after rounding
+        ((0.3334, 0.3333, 0.3333), "normal"),  # within 1e-3 of 1
+        ((0.0, 1.0, 0.0), "pneumonia"),
+    ],
+)
+def test_prediction_accepts_valid_output_and_is_read_only(
+    probs: tuple[float, float, float], predicted: str
+) -> None:
+    prediction = _prediction(probs)
+    assert prediction.predicted == predicted
+    assert dict(prediction.probabilities) == dict(zip(CLASS_NAMES, probs, strict=True))
+    with pytest.raises(TypeError):
+        prediction.probabilities["normal"] = 1.0  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"name": " "}, "name"),
+        ({"version": ""}, "version"),
+        ({"weights_sha256": "abc"}, "64 lower-case"),
+        ({"weights_sha256": "A" * 64}, "64 lower-case"),
+        ({"weights_sha256": "g" * 64}, "64 lower-case"),
+        ({"parameters": {"a=b": "c"}}, "contain no '='"),
+        ({"parameters": {"weights_sha256": "x"}}, "do not repeat"),
+        ({"parameters": {"size": 512}}, "must be a string"),
+    ],
+)
+def test_algorithm_info_rejects_bad_values(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(ALGORITHM, **changes)  # type: ignore[arg-type]
+
+
+def test_algorithm_parameters_put_weights_digest_first() -> None:
+    assert ALGORITHM.parameter_strings() == (
+        f"weights_sha256={ALGORITHM.weights_sha256}",
+        "classes=normal,pneumonia,COVID-19",
+        "input_size=512",
+    )
+
+
+@pytest.mark.parametrize("reasons", [(), ("",), ("ok", "  "), "not frontal"])
+def test_unassessable_needs_reasons(reasons: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError):
+        Unassessable(reasons)
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic UIDs
+# --------------------------------------------------------------------------------------------
+
+_SOURCE_UID = "1.2.3.4.5"
+
+
+@pytest.mark.parametrize(
+    ("other", "same"),
+    [
+        ((_SOURCE_UID, MODEL_VERSION, KIND_SR), True),
+        ((_SOURCE_UID, "0.2.0", KIND_SR), False),
+        ((_SOURCE_UID, MODEL_VERSION, KIND_SC), False),
+        (("1.2.3.4.6", MODEL_VERSION, KIND_SR), False),
+        # Naive concatenation would make these two equal.
+        (("1.2.3.4.5" + "0", MODEL_VERSION[1:], KIND_SR), False),
+    ],
+)
+def test_derived_uid_is_repeatable_and_distinct(other: tuple[str, str, str], same: bool) -> None:
+    reference = derived_uid(_SOURCE_UID, MODEL_VERSION, KIND_SR)
+    assert (derived_uid(*other) == reference) is same
+    assert reference.is_valid
+    assert reference.startswith("2.25.")
+    assert len(reference) <= 64
+
+
+@pytest.mark.parametrize(
+    ("source", "version", "kind"),
+    [("not a uid", MODEL_VERSION, KIND_SR), (_SOURCE_UID, " ", KIND_SR), (_SOURCE_UID, "1", "")],
+)
+def test_derived_uid_rejects_bad_input(source: str, version: str, kind: str) -> None:
+    with pytest.raises(ValueError):
+        derived_uid(source, version, kind)
+
+
+def test_sr_uids_are_deterministic() -> None:
+    source = _rg1()
+    prediction = _prediction((0.1, 0.2, 0.7))
+
+    def build(algorithm: AlgorithmInfo, src: Dataset = source) -> hd.sr.Comprehensive3DSR:
+        sr = build_sr(
+            src,
+            prediction,
+            algorithm,
+            series_number=SERIES_NUMBER,
+            series_description=SERIES_DESCRIPTION,
+        )
+        assert sr is not None
+        return sr
+
+    first, again = build(ALGORITHM), build(ALGORITHM)
+    newer = build(dataclasses.replace(ALGORITHM, version="0.2.0"))
+    assert first.SOPInstanceUID == again.SOPInstanceUID
+    assert first.SeriesInstanceUID == again.SeriesInstanceUID
+    assert first.SOPInstanceUID == derived_uid(source.SOPInstanceUID, MODEL_VERSION, KIND_SR)
+    assert newer.SOPInstanceUID != first.SOPInstanceUID
+    assert newer.SeriesInstanceUID != first.SeriesInstanceUID
+    # Another image of the same study: same SR series, another instance.
+    sibling = _rg1()
+    sibling.SOPInstanceUID = generate_uid()
+    other_image = build(ALGORITHM, sibling)
+    assert other_image.SeriesInstanceUID == first.SeriesInstanceUID
+    assert other_image.SeriesInstanceUID == series_uid(
+        source.StudyInstanceUID, MODEL_VERSION, KIND_SR_SERIES
+    )
+    assert other_image.SOPInstanceUID != first.SOPInstanceUID
+
+
+# --------------------------------------------------------------------------------------------
+# The SR: dciodvfy, dsr2html, round trip
+# --------------------------------------------------------------------------------------------
+
+SourceFactory = Callable[[], Dataset]
+
+SR_CASES = [
+    pytest.param(_rg1, _prediction((0.1, 0.2, 0.7)), False, id="rg1-covid19"),
+    pytest.param(_rg1, _prediction((0.05, 0.15, 0.8)), True, id="rg1-covid19-heatmap"),
+    pytest.param(
+        lambda: _synthetic_source("N"), _prediction((0.9, 0.06, 0.04)), False, id="synth-normal"
+    ),
+    pytest.param(
+        lambda: _synthetic_source("P"),
+        _prediction((0.123456789, 0.654321, 0.222222211)),
+        True,
+        id="synth-pneumonia",
+    ),
+    pytest.param(
+        lambda: _synthetic_source("C"), _prediction((0.01, 0.02, 0.97)), False, id="synth-covid19"
+    ),
+    pytest.param(
+        lambda: _synthetic_source("U"),
+        Unassessable(("not a frontal chest view (ViewPosition LL)", "image smaller than 256 px")),
+        False,
+        id="synth-unassessable",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_source", "outcome", "with_heatmap"), SR_CASES)
+def test_sr_is_valid_renders_and_round_trips(
+    tmp_path: Path,
+    make_source: SourceFactory,
+    outcome: Prediction | Unassessable,
+    with_heatmap: bool,
+) -> None:
+    source = make_source()
+    heatmap = _heatmap_for(source) if with_heatmap else None
+    sr = build_sr(
+        source,
+        outcome,
+        ALGORITHM,
+        series_number=SERIES_NUMBER,
+        series_description=SERIES_DESCRIPTION,
+        heatmap_sc=heatmap,
+        institution_name="Test Hospital",
+    )
+    assert sr is not None
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+
+    report = dciodvfy(path)
+    assert not report.errors, report
+
+    text = "\n".join(html_to_text(dsr2html(path)))
+    assert ALGORITHM.name in text
+    assert AI_NOTICE in text
+    if isinstance(outcome, Prediction):
+        for name in CLASS_NAMES:
+            assert CLASS_FINDINGS[name].meaning in text
+    else:
+        assert "Not Evaluated" in text
+        assert all(reason in text for reason in outcome.reasons)
+
+    back = pydicom.dcmread(path)
+    _check_header(back, source)
+    summary = read_sr(back)
+    assert summary.sop_instance_uid == sr.SOPInstanceUID
+    assert summary.study_instance_uid == source.StudyInstanceUID
+    assert summary.source_sop_instance_uid == source.SOPInstanceUID
+    assert summary.algorithm_name == ALGORITHM.name
+    assert summary.algorithm_version == ALGORITHM.version
+    assert summary.weights_sha256 == ALGORITHM.weights_sha256
+    assert dict(summary.algorithm_parameters) == dict(ALGORITHM.parameters)
+    assert summary.heatmap_sop_instance_uid == (heatmap.SOPInstanceUID if heatmap else None)
+    if isinstance(outcome, Prediction):
+        assert summary.predicted == outcome.predicted
+        assert dict(summary.probabilities) == dict(outcome.probabilities)
+        assert summary.unassessable_reasons == ()
+    else:
+        assert summary.predicted is None
+        assert dict(summary.probabilities) == {}
+        assert summary.unassessable_reasons == outcome.reasons
+
+
+def _check_header(sr: Dataset, source: Dataset) -> None:
+    for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "StudyID", "AccessionNumber"):
+        assert sr[keyword].value == source[keyword].value, keyword
+    assert sr.Modality == "SR"
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.SeriesNumber == SERIES_NUMBER
+    assert sr.SeriesDescription == SERIES_DESCRIPTION
+    assert sr.CompletionFlag == "COMPLETE"
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.Manufacturer == device.MANUFACTURER
+    assert sr.ManufacturerModelName == device.MANUFACTURER_MODEL_NAME
+    assert list(sr.SoftwareVersions) == list(device.software_versions(MODEL_VERSION))
+    purposes = [
+        (code.CodeValue, code.CodingSchemeDesignator)
+        for item in sr.ContributingEquipmentSequence
+        for code in item.PurposeOfReferenceCodeSequence
+    ]
+    assert ("Newcode1", "99IHE") in purposes
+    declared = {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
+    assert "99IHE" in declared
+
+
+def test_unassessable_can_be_skipped() -> None:
+    outcome = Unassessable(("failed pre-processing: empty image",))
+    sr = build_sr(
+        _rg1(),
+        outcome,
+        ALGORITHM,
+        series_number=SERIES_NUMBER,
+        series_description=SERIES_DESCRIPTION,
+        on_unassessable="skip",
+    )
+    assert sr is None
+
+
+def _source_without_sop_uid() -> Dataset:
+    ds = _rg1()
+    del ds.SOPInstanceUID
+    return ds
+
+
+def _heatmap_other_study() -> Dataset:
+    return _heatmap_for(_synthetic_source("X"))
+
+
+@pytest.mark.parametrize(
+    ("make_source", "outcome", "kwargs", "message"),
+    [
+        (
+            _rg1,
+            Prediction(("normal", "influenza"), {"normal": 0.4, "influenza": 0.6}, "influenza"),
+            {},
+            "no coded finding",
+        ),
+        (_source_without_sop_uid, _prediction((0.1, 0.2, 0.7)), {}, "SOPInstanceUID"),
+        (_rg1, _prediction((0.1, 0.2, 0.7)), {"on_unassessable": "drop"}, "on_unassessable"),
+        (_rg1, _prediction((0.1, 0.2, 0.7)), {"series_number": -1}, "series_number"),
+        (_rg1, _prediction((0.1, 0.2, 0.7)), {"series_description": "x" * 65}, "1 to 64"),
+        (
+            _rg1,
+            _prediction((0.1, 0.2, 0.7)),
+            {"heatmap_sc": _heatmap_other_study()},
+            "another study",
+        ),
+    ],
+)
+def test_build_sr_rejects_bad_input(
+    make_source: SourceFactory,
+    outcome: Prediction | Unassessable,
+    kwargs: dict[str, object],
+    message: str,
+) -> None:
+    arguments: dict[str, object] = {
+        "series_number": SERIES_NUMBER,
+        "series_description": SERIES_DESCRIPTION,
+        **kwargs,
+    }
+    with pytest.raises(ValueError, match=message):
+        build_sr(make_source(), outcome, ALGORITHM, **arguments)  # type: ignore[arg-type]
+
+
+def test_read_sr_rejects_a_non_sr() -> None:
+    with pytest.raises(ValueError, match="not a Comprehensive 3D SR"):
+        read_sr(_rg1())
+
+
+# --------------------------------------------------------------------------------------------
+# Orthanc accepts the SR into the source's study
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_orthanc_files_sr_in_source_study(tmp_path: Path) -> None:
+    source = _rg1()
+    sr = build_sr(
+        source,
+        _prediction((0.1, 0.2, 0.7)),
+        ALGORITHM,
+        series_number=SERIES_NUMBER,
+        series_description=SERIES_DESCRIPTION,
+    )
+    assert sr is not None
+    sr_path = tmp_path / "sr.dcm"
+    sr.save_as(sr_path, enforce_file_format=True)
+
+    with running_orthanc(tmp_path / "orthanc", aet="PACS") as pacs:
+        storescu([RG1], port=pacs.dicom_port, called_aet=pacs.aet)
+        storescu([sr_path], port=pacs.dicom_port, called_aet=pacs.aet)
+
+        studies = pacs.find_studies(source.StudyInstanceUID)
+        assert len(studies) == 1
+        series = pacs.study_series(studies[0])
+        modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
+        assert modalities == ["CR", "SR"]
+        (sr_series,) = [s for s in series if s["MainDicomTags"]["Modality"] == "SR"]
+        assert UID(sr_series["MainDicomTags"]["SeriesInstanceUID"]) == sr.SeriesInstanceUID
+        (instance_id,) = sr_series["Instances"]
+        stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(pacs.download_instance(instance_id)))
+        assert stored.StudyInstanceUID == source.StudyInstanceUID
+        assert read_sr(stored).predicted == "COVID-19"
