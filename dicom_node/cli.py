@@ -16,6 +16,7 @@ from dicom_node import __version__
 from dicom_node.aet import ConfigDocument
 from dicom_node.config import DEFAULT_CONFIG, Settings, load_settings
 from dicom_node.errors import ConfigError, CoronetError
+from dicom_node.node_cli import register as _register_node
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +231,7 @@ def _register_aet(sub: argparse._SubParsersAction) -> None:
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_config,
     _register_aet,
+    _register_node,
 ]
 
 
