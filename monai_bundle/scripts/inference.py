@@ -29,6 +29,20 @@ from .preprocessing import is_dicom_file
 logger = logging.getLogger(__name__)
 
 
+def input_error(err: BaseException) -> ValueError | None:
+    """The ``ValueError`` (e.g. ``InvalidImageError``) behind ``err``, if any.
+
+    MONAI's ``Compose`` re-raises a transform's exception as ``RuntimeError("applying transform
+    ...")`` chained to the original, so a bad image shows up wrapped.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ValueError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
 def list_inputs(dataset_dir: str | Path) -> list[Path]:
     """Images directly in ``dataset_dir`` (sorted): known suffixes and suffix-less DICOM files."""
     root = Path(dataset_dir)
@@ -105,9 +119,12 @@ class InferenceRunner:
         for path in tqdm(inputs, desc="inference", unit="img", disable=not self.progress):
             try:
                 probs = self.predict(path)
-            except ValueError as err:  # InvalidImageError and friends: skip, report, go on
-                failures[path.name] = str(err)
-                logger.error("%s: %s", path.name, err)
+            except (ValueError, RuntimeError) as err:
+                cause = input_error(err)
+                if cause is None:  # not a bad input: a real failure
+                    raise
+                failures[path.name] = str(cause)
+                logger.error("%s: %s", path.name, cause)
                 continue
             record = probabilities_record(probs, self.class_names, self.model_version)
             (self.output_dir / f"{path.stem}.json").write_text(json.dumps(record, indent=2))

@@ -212,6 +212,10 @@ class AutoencoderTrainer:
             raise ValueError(f"{desc}: the data loader yielded no images")
         return total / count
 
+    def validate(self) -> float:
+        """Mean eq. 3-4 loss over the validation set, in eval mode."""
+        return self._epoch(self.val_loader, False, "validation")
+
     def run(self) -> History:
         history = History(monitor="val_loss", mode="min")
         epochs = tqdm(range(self.epochs), desc=self.title, disable=not self.progress)
