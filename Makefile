@@ -59,8 +59,9 @@ test: setup lint typecheck pytest
 
 run: setup
 	$(VENV)/bin/coronet config check $(CONFIG)
-	@echo "The configuration is valid.  The listener and the worker are not built yet (issues 6"; \
-	 echo "and 7), so there is nothing to start: make run does not pretend."; exit 1
+	@echo "The configuration is valid.  The node is built (coronet node serve), but the worker and"; \
+	 echo "the all-in-one supervisor (issue 7) are not yet, so make run does not pretend to start"; \
+	 echo "the system."; exit 1
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var
