@@ -17,6 +17,7 @@ from dicom_node.aet import ConfigDocument
 from dicom_node.config import DEFAULT_CONFIG, Settings, load_settings
 from dicom_node.errors import ConfigError, CoronetError
 from dicom_node.node_cli import register as _register_node
+from worker.infer_cli import register as _register_infer
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_config,
     _register_aet,
     _register_node,
+    _register_infer,
 ]
 
 

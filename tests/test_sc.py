@@ -1,0 +1,405 @@
+"""The heatmap Secondary Capture: header, deterministic UIDs, dciodvfy on real and phantom
+sources, rendering, bad input, and storage next to the SR in a real Orthanc."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, SecondaryCaptureImageStorage, generate_uid
+
+from monai_bundle.scripts.phantoms import make_phantom, phantom_dataset
+from monai_bundle.scripts.preprocessing import InvalidImageError
+from tests.support.dicom_tools import dciodvfy, require_tools, storescu
+from tests.support.orthanc import running_orthanc
+from worker import device
+from worker.results import AlgorithmInfo, Prediction
+from worker.sc import (
+    AI_NOTICE,
+    DEFAULT_SERIES_DESCRIPTION,
+    MAX_LONG_SIDE,
+    MIN_LONG_SIDE,
+    build_sc,
+    output_shape,
+    render_overlay,
+    save_png,
+)
+from worker.sr import build_sr, read_sr
+from worker.uids import KIND_SC, KIND_SC_SERIES, derived_uid, series_uid
+
+CLASS_NAMES = ("normal", "pneumonia", "COVID-19")
+MODEL_VERSION = "0.1.0+demo-phantom"
+SERIES_NUMBER = 902
+SERIES_DESCRIPTION = "CoroNet heatmap (test)"
+ALGORITHM = AlgorithmInfo(
+    name="CoroNet", version=MODEL_VERSION, weights_sha256="ab" * 32, parameters={"size": "256"}
+)
+PREDICTION = Prediction(
+    CLASS_NAMES, {"normal": 0.05, "pneumonia": 0.15, "COVID-19": 0.8}, "COVID-19"
+)
+_rg1_path = get_testdata_file("RG1_UNCR.dcm")
+assert isinstance(_rg1_path, str), "pydicom-data lacks RG1_UNCR.dcm"
+RG1 = Path(_rg1_path)
+DCIODVFY_MISSING = require_tools("dciodvfy")
+
+
+def _heatmap(rows: int = 200, cols: int = 160) -> np.ndarray:
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    return np.exp(-((yy - 0.4 * rows) ** 2 + (xx - 0.3 * cols) ** 2) / (0.02 * rows * cols)).astype(
+        np.float32
+    )
+
+
+def _rg1() -> Dataset:
+    return pydicom.dcmread(RG1)
+
+
+def _phantom_dx() -> Dataset:
+    ds = phantom_dataset(make_phantom("COVID-19", 128, 3), modality="DX")
+    ds.PatientOrientation = None  # unknown orientation must stay unknown in the SC
+    return ds
+
+
+def _build(source: Dataset, **kwargs: Any) -> Any:
+    arguments: dict[str, Any] = {
+        "series_number": SERIES_NUMBER,
+        "series_description": SERIES_DESCRIPTION,
+    }
+    arguments.update(kwargs)
+    heatmap = arguments.pop("heatmap", _heatmap())
+    prediction = arguments.pop("prediction", PREDICTION)
+    algorithm = arguments.pop("algorithm", ALGORITHM)
+    with warnings.catch_warnings():
+        # RG1's Referring Physician's Name "ward" has one component; highdicom warns.
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person")
+        return build_sc(source, heatmap, prediction, algorithm, **arguments)
+
+
+SOURCES: dict[str, Callable[[], Dataset]] = {"rg1-cr-mono1": _rg1, "phantom-dx-mono2": _phantom_dx}
+
+
+@pytest.fixture(scope="module", params=list(SOURCES))
+def built(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Dataset, Dataset, Path]]:
+    """(source, SC as read back from disk, its path) for each kind of source."""
+    source = SOURCES[request.param]()
+    sc = _build(source)
+    path = tmp_path_factory.mktemp("sc") / f"{request.param}.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    yield source, pydicom.dcmread(path), path
+
+
+# --------------------------------------------------------------------------------------------
+# Header
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(DCIODVFY_MISSING is not None, reason=str(DCIODVFY_MISSING))
+def test_sc_passes_dciodvfy(built: tuple[Dataset, Dataset, Path]) -> None:
+    _, _, path = built
+    report = dciodvfy(path)
+    assert not report.errors, report
+
+
+@pytest.mark.parametrize(
+    ("keyword", "expected"),
+    [
+        ("SOPClassUID", lambda src: SecondaryCaptureImageStorage),
+        ("SOPInstanceUID", lambda src: derived_uid(src.SOPInstanceUID, MODEL_VERSION, KIND_SC)),
+        (
+            "SeriesInstanceUID",
+            lambda src: series_uid(src.StudyInstanceUID, MODEL_VERSION, KIND_SC_SERIES),
+        ),
+        ("StudyInstanceUID", lambda src: src.StudyInstanceUID),
+        ("PatientID", lambda src: src.PatientID),
+        ("PatientName", lambda src: src.PatientName),
+        ("PatientBirthDate", lambda src: src.get("PatientBirthDate", "")),
+        ("AccessionNumber", lambda src: src.get("AccessionNumber", "")),
+        ("StudyDate", lambda src: src.get("StudyDate", "")),
+        ("SeriesNumber", lambda src: SERIES_NUMBER),
+        ("SeriesDescription", lambda src: SERIES_DESCRIPTION),
+        ("BurnedInAnnotation", lambda src: "YES"),
+        ("BodyPartExamined", lambda src: "CHEST"),
+        ("ImageType", lambda src: ["DERIVED", "SECONDARY"]),
+        ("ConversionType", lambda src: "WSD"),
+        ("Modality", lambda src: "OT"),
+        ("PhotometricInterpretation", lambda src: "RGB"),
+        ("SamplesPerPixel", lambda src: 3),
+        ("PlanarConfiguration", lambda src: 0),
+        ("BitsAllocated", lambda src: 8),
+        ("Manufacturer", lambda src: device.MANUFACTURER),
+        ("ManufacturerModelName", lambda src: device.MANUFACTURER_MODEL_NAME),
+        ("SoftwareVersions", lambda src: list(device.software_versions(MODEL_VERSION))),
+        ("SecondaryCaptureDeviceManufacturer", lambda src: device.MANUFACTURER),
+        ("PatientOrientation", lambda src: src.get("PatientOrientation") or ""),
+    ],
+)
+def test_sc_header(
+    built: tuple[Dataset, Dataset, Path], keyword: str, expected: Callable[[Dataset], object]
+) -> None:
+    source, sc, _ = built
+    value = sc[keyword].value
+    want = expected(source)
+    if isinstance(want, list):
+        assert list(value) == want
+    else:
+        assert value == want
+
+
+def test_sc_is_a_new_series_referencing_the_source(built: tuple[Dataset, Dataset, Path]) -> None:
+    source, sc, _ = built
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.SOPInstanceUID != source.SOPInstanceUID
+    (reference,) = sc.SourceImageSequence
+    assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert reference.ReferencedSOPClassUID == source.SOPClassUID
+    assert reference.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+
+
+def test_sc_names_this_software_as_contributing_equipment(
+    built: tuple[Dataset, Dataset, Path],
+) -> None:
+    _, sc, _ = built
+    ours = [
+        item
+        for item in sc.ContributingEquipmentSequence
+        if item.Manufacturer == device.MANUFACTURER
+    ]
+    assert len(ours) == 1
+    purpose = ours[0].PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("Newcode1", "99IHE")
+    schemes = [item.CodingSchemeDesignator for item in sc.CodingSchemeIdentificationSequence]
+    assert "99IHE" in schemes
+
+
+def test_sc_pixels_keep_the_source_aspect(built: tuple[Dataset, Dataset, Path]) -> None:
+    source, sc, _ = built
+    rows, cols = output_shape(source.Rows, source.Columns)
+    assert sc.pixel_array.shape[2] == 3
+    # Image area below the header band and left of the colour bar.
+    assert sc.Rows > rows and sc.Columns > cols
+    assert abs(rows / cols - source.Rows / source.Columns) < 0.01
+
+
+def test_sc_uids_are_deterministic_and_change_with_the_model_version() -> None:
+    source = _phantom_dx()
+    first, second = _build(source), _build(source)
+    assert first.SOPInstanceUID == second.SOPInstanceUID
+    assert first.SeriesInstanceUID == second.SeriesInstanceUID
+    other_algorithm = AlgorithmInfo("CoroNet", "0.2.0", "cd" * 32)
+    other = _build(source, algorithm=other_algorithm)
+    assert other.SOPInstanceUID != first.SOPInstanceUID
+    assert other.SeriesInstanceUID != first.SeriesInstanceUID
+
+
+def test_given_source_image_is_used_instead_of_decoding() -> None:
+    source = _phantom_dx()
+    white = np.ones((source.Rows, source.Columns), dtype=np.float32)
+    zero = np.zeros((50, 50), dtype=np.float32)
+    sc = _build(source, source_image=white, heatmap=zero)
+    rows, cols = output_shape(source.Rows, source.Columns)
+    area = sc.pixel_array[sc.Rows - rows :, :cols]
+    assert (area == 255).all()  # white radiograph, no attribution: nothing blended on top
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ((1955, 1841), (1024, round(1841 * 1024 / 1955))),
+        ((256, 256), (MIN_LONG_SIDE, MIN_LONG_SIDE)),
+        ((600, 800), (600, 800)),
+        ((4000, 1000), (MAX_LONG_SIDE, 256)),
+    ],
+)
+def test_output_shape_keeps_aspect_and_clamps(
+    shape: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    assert output_shape(*shape) == expected
+
+
+def test_overlay_colours_the_salient_region_and_leaves_the_rest_gray(tmp_path: Path) -> None:
+    image = np.full((300, 200), 0.5, dtype=np.float32)
+    heatmap = np.zeros((300, 200), dtype=np.float32)
+    heatmap[50:100, 50:100] = 1.0
+    rgb = render_overlay(image, heatmap, PREDICTION, model_version=MODEL_VERSION)
+    rows, cols = output_shape(300, 200)
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    area = rgb[rgb.shape[0] - rows :, :cols].astype(int)
+    scale = rows / 300
+    hot = area[round(75 * scale), round(75 * scale)]
+    cold = area[round(250 * scale), round(150 * scale)]
+    assert hot[0] > hot[2] and hot[1] > hot[2]  # viridis high end: yellow
+    assert cold[0] == cold[1] == cold[2]  # no attribution: plain gray radiograph
+    header = rgb[: rgb.shape[0] - rows]
+    assert header.size and header.max() > 200  # burned-in text
+    path = save_png(rgb, tmp_path / "overlay.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), rgb)
+
+
+def test_notice_is_a_constant_of_the_module() -> None:
+    assert "not for diagnostic use" in AI_NOTICE
+    assert "not for diagnostic use" in DEFAULT_SERIES_DESCRIPTION
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def _rgb_source() -> Dataset:
+    ds = _phantom_dx()
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = np.zeros((ds.Rows, ds.Columns, 3), dtype=np.uint8).tobytes()
+    return ds
+
+
+def _tiny_source() -> Dataset:
+    ds = _phantom_dx()
+    ds.Rows = ds.Columns = 16
+    ds.PixelData = np.zeros((16, 16), dtype=np.uint16).tobytes()
+    return ds
+
+
+def _huge_source() -> Dataset:
+    ds = _phantom_dx()
+    ds.Rows = ds.Columns = 20_000  # header only: rejected before any decoding
+    return ds
+
+
+def _no_pixels() -> Dataset:
+    ds = _phantom_dx()
+    del ds.PixelData
+    return ds
+
+
+def _ct_source() -> Dataset:
+    ds = _phantom_dx()
+    ds.Modality = "CT"
+    ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
+    ds.BodyPartExamined = "HEAD"
+    return ds
+
+
+def _lateral() -> Dataset:
+    ds = _phantom_dx()
+    ds.ViewPosition = "LL"
+    return ds
+
+
+def _no_study() -> Dataset:
+    ds = _phantom_dx()
+    del ds.StudyInstanceUID
+    return ds
+
+
+def _constant() -> Dataset:
+    ds = _phantom_dx()
+    ds.PixelData = np.full((ds.Rows, ds.Columns), 7, dtype=np.uint16).tobytes()
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("make_source", "error", "message"),
+    [
+        (_rgb_source, InvalidImageError, "not grayscale"),
+        (_tiny_source, InvalidImageError, "absurd size"),
+        (_huge_source, InvalidImageError, "absurd size"),
+        (_no_pixels, InvalidImageError, "no pixel data"),
+        (_ct_source, InvalidImageError, "Modality is 'CT'"),
+        (_lateral, InvalidImageError, "frontal view"),
+        (_constant, InvalidImageError, "constant image"),
+        (_no_study, ValueError, "StudyInstanceUID"),
+    ],
+)
+def test_build_sc_rejects_unsuitable_sources(
+    make_source: Callable[[], Dataset], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        _build(make_source())
+
+
+def test_undecodable_source_raises_invalid_image_error() -> None:
+    ds = _phantom_dx()
+    ds.PixelData = ds.PixelData[:100]  # truncated
+    with pytest.raises(InvalidImageError):
+        _build(ds)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"heatmap": np.full((8, 8), np.nan, dtype=np.float32)}, ValueError, "NaN"),
+        ({"heatmap": np.full((8, 8), 1.5, dtype=np.float32)}, ValueError, r"\[0, 1\]"),
+        ({"heatmap": np.zeros((8, 8, 3), dtype=np.float32)}, ValueError, "2-D"),
+        ({"heatmap": np.zeros((8, 8), dtype=np.uint8)}, ValueError, "floating"),
+        ({"heatmap": [[0.0]]}, TypeError, "numpy"),
+        ({"source_image": np.zeros((1,), dtype=np.float32)}, ValueError, "2-D"),
+        ({"series_number": -1}, ValueError, "series_number"),
+        ({"series_number": True}, ValueError, "series_number"),
+        ({"series_description": ""}, ValueError, "series_description"),
+        ({"series_description": "x" * 65}, ValueError, "series_description"),
+        ({"prediction": {"COVID-19": 1.0}}, TypeError, "Prediction"),
+    ],
+)
+def test_build_sc_rejects_bad_arguments(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        _build(_phantom_dx(), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Orthanc files the SC (and the SR that references it) in the source's study
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_orthanc_files_sc_and_sr_in_source_study(tmp_path: Path) -> None:
+    source = copy.deepcopy(_phantom_dx())
+    source.StudyInstanceUID = generate_uid()
+    source_path = tmp_path / "source.dcm"
+    source.save_as(source_path, enforce_file_format=True)
+    sc = _build(source)
+    sr = build_sr(
+        source,
+        PREDICTION,
+        ALGORITHM,
+        series_number=901,
+        series_description="CoroNet AI result - not for diagnostic use",
+        heatmap_sc=sc,
+    )
+    assert sr is not None
+    sc_path, sr_path = tmp_path / "sc.dcm", tmp_path / "sr.dcm"
+    sc.save_as(sc_path, enforce_file_format=True)
+    sr.save_as(sr_path, enforce_file_format=True)
+
+    with running_orthanc(tmp_path / "orthanc", aet="PACS") as pacs:
+        storescu([source_path, sc_path, sr_path], port=pacs.dicom_port, called_aet=pacs.aet)
+        (study,) = pacs.find_studies(source.StudyInstanceUID)
+        series = pacs.study_series(study)
+        assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["DX", "OT", "SR"]
+        (sc_series,) = [s for s in series if s["MainDicomTags"]["Modality"] == "OT"]
+        (instance_id,) = sc_series["Instances"]
+        stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(pacs.download_instance(instance_id)))
+        assert stored.SOPInstanceUID == sc.SOPInstanceUID
+        assert stored.SeriesNumber == SERIES_NUMBER
+        assert read_sr(sr).heatmap_sop_instance_uid == sc.SOPInstanceUID

@@ -1,0 +1,164 @@
+"""The CoroNet MONAI bundle, loaded once per process for the worker and ``coronet infer``.
+
+The bundle's own ``configs/inference.json`` defines the network and the pre-processing (the
+config ids ``network``, ``preprocessing``, ``inferer``, ``postprocessing``, ``class_names`` and
+``checkpoint`` are the contract), so the worker computes exactly what
+``python -m monai.bundle run --config_file configs/inference.json`` computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from pydicom.dataset import Dataset
+from torch import nn
+
+import monai_bundle
+import monai_bundle.scripts
+from dicom_node.errors import InferenceError
+from monai_bundle.scripts.attribution import DEFAULT_CONFIG, FAST_CONFIG, Explanation, explain
+from monai_bundle.scripts.inference import input_error
+from monai_bundle.scripts.networks import load_coronet_weights
+from monai_bundle.scripts.training import resolve_device
+from worker.results import AlgorithmInfo, Prediction
+
+logger = logging.getLogger(__name__)
+
+ALGORITHM_NAME = "CoroNet"
+INFERENCE_CONFIG = Path("configs") / "inference.json"
+METADATA = Path("configs") / "metadata.json"
+_PACKAGED_BUNDLE = Path(monai_bundle.__file__).resolve().parent
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _make_scripts_importable(bundle_dir: Path) -> None:
+    """Let the config's ``scripts.*`` targets import, as ``monai.bundle run`` does.
+
+    For the bundle shipped with this package, ``scripts`` is the already imported
+    ``monai_bundle.scripts`` (one module, one set of classes); for another bundle folder its
+    root goes on ``sys.path``.
+    """
+    if bundle_dir.resolve() == _PACKAGED_BUNDLE:
+        sys.modules.setdefault("scripts", monai_bundle.scripts)
+        for name, module in list(sys.modules.items()):
+            if name.startswith("monai_bundle.scripts."):
+                sys.modules.setdefault("scripts." + name.split(".", 2)[2], module)
+    elif str(bundle_dir) not in sys.path:
+        sys.path.insert(1, str(bundle_dir))
+
+
+@dataclass
+class Engine:
+    """A loaded CoroNet bundle: pre-processing, network, class names, version and weights."""
+
+    network: nn.Module
+    preprocessing: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+    class_names: tuple[str, ...]
+    image_size: int
+    model_version: str
+    algorithm: AlgorithmInfo
+    device: torch.device
+
+    def prepare(self, source: Dataset | Path) -> torch.Tensor:
+        """The model input ``1 x S x S`` for a DICOM dataset or an image file.
+
+        Raises ``ValueError`` (the bundle's ``InvalidImageError``) for images it cannot use.
+        """
+        try:
+            data = self.preprocessing({"image": source})
+        except RuntimeError as err:  # MONAI's Compose wraps the transform's ValueError
+            cause = input_error(err)
+            if cause is None:
+                raise InferenceError(f"pre-processing failed: {err}") from err
+            raise cause from err
+        return torch.as_tensor(data["image"]).to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def predict(self, image: torch.Tensor) -> Prediction:
+        """Class probabilities for one prepared image."""
+        try:
+            self.network.eval()
+            logits = self.network(image[None])
+            probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy().astype(np.float64)
+        except RuntimeError as err:
+            raise InferenceError(f"the network failed: {err}") from err
+        values = {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
+        predicted = self.class_names[int(np.argmax(probs))]
+        return Prediction(self.class_names, values, predicted)
+
+    def explain(self, image: torch.Tensor, target: int, fast: bool = True) -> Explanation:
+        """The meaningful-perturbation heatmap of ``target`` for one prepared image."""
+        try:
+            return explain(self.network, image, target, FAST_CONFIG if fast else DEFAULT_CONFIG)
+        except RuntimeError as err:
+            raise InferenceError(f"the attribution map failed: {err}") from err
+
+
+def load_engine(
+    bundle_dir: str | Path, device: str = "auto", weights: str | Path | None = None
+) -> Engine:
+    """Load the bundle in ``bundle_dir`` onto ``device`` (``auto``, ``cpu`` or ``cuda:N``).
+
+    ``weights`` overrides the bundle's ``checkpoint`` (``models/model.pt``).
+    """
+    start = time.perf_counter()
+    root = Path(bundle_dir)
+    config_file, meta_file = root / INFERENCE_CONFIG, root / METADATA
+    for path in (config_file, meta_file):
+        if not path.is_file():
+            raise InferenceError(f"not a CoroNet bundle: {path} is missing")
+    torch_device = resolve_device(device)
+    _make_scripts_importable(root)
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser.read_meta(str(meta_file))
+    parser["bundle_root"] = str(root)
+    parser["device"] = f"$torch.device('{torch_device}')"
+    checkpoint = (
+        Path(weights) if weights is not None else Path(parser.get_parsed_content("checkpoint"))
+    )
+    if not checkpoint.is_file():
+        raise InferenceError(f"weights file not found: {checkpoint}")
+    network = parser.get_parsed_content("network")
+    load_coronet_weights(network, checkpoint)
+    network.eval()
+    model_version = str(parser.get_parsed_content("model_version"))
+    image_size = int(parser.get_parsed_content("image_size"))
+    algorithm = AlgorithmInfo(
+        name=ALGORITHM_NAME,
+        version=model_version,
+        weights_sha256=sha256_of(checkpoint),
+        parameters={"input_size": str(image_size), "device": torch_device.type},
+    )
+    engine = Engine(
+        network=network,
+        preprocessing=parser.get_parsed_content("preprocessing"),
+        class_names=tuple(parser.get_parsed_content("class_names")),
+        image_size=image_size,
+        model_version=model_version,
+        algorithm=algorithm,
+        device=torch_device,
+    )
+    logger.info(
+        "loaded CoroNet %s (%s, weights %s...) on %s in %.1f s",
+        model_version, checkpoint.name, algorithm.weights_sha256[:12], torch_device,
+        time.perf_counter() - start,
+    )  # fmt: skip
+    return engine

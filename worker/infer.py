@@ -1,0 +1,128 @@
+"""Offline inference on DICOM files: what ``coronet infer`` does.
+
+For each input it writes, into ``--out``:
+
+- ``<stem>.sr.dcm``: the DICOM SR (TID 1500) with the findings, unless the image cannot be
+  assessed and ``results.on_unassessable`` is ``skip``;
+- ``<stem>.sc.dcm``: the heatmap Secondary Capture (not with ``--no-heatmap``);
+- ``<stem>.json``: class, probabilities, timings and model version;
+- ``<stem>.png`` with ``--png``: the heatmap overlay as a picture.
+
+A file that is not readable DICOM is reported and skipped; the rest go on.  The exit status is
+1 when any file failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from tqdm.auto import tqdm
+
+from dicom_node.config import Settings
+from dicom_node.errors import CoronetError
+from monai_bundle.scripts.preprocessing import is_dicom_file
+from worker.engine import Engine, load_engine
+from worker.pipeline import InstanceResult, process_dataset
+from worker.results import Prediction
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def iter_inputs(paths: Sequence[Path]) -> Iterator[Path]:
+    """Files as given; folders give their DICOM files (by preamble), recursively, sorted."""
+    for path in paths:
+        if path.is_dir():
+            yield from (p for p in sorted(path.rglob("*")) if p.is_file() and is_dicom_file(p))
+        else:
+            yield path
+
+
+def summary(path: Path, result: InstanceResult, engine: Engine, total_s: float) -> dict[str, Any]:
+    """The JSON summary of one input."""
+    outcome = result.outcome
+    record: dict[str, Any] = {"input": path.name, "model_version": engine.model_version}
+    if isinstance(outcome, Prediction):
+        record["predicted"] = outcome.predicted
+        record["probabilities"] = dict(outcome.probabilities)
+    else:
+        record["predicted"] = None
+        record["unassessable_reasons"] = list(outcome.reasons)
+    record["timings_s"] = {**result.timings, "total_s": total_s}
+    record["outputs"] = {}
+    return record
+
+
+def infer_file(
+    path: Path,
+    engine: Engine,
+    settings: Settings,
+    out: Path,
+    *,
+    heatmap: bool,
+    fast: bool,
+    png: bool,
+) -> dict[str, Any]:
+    """Process one file; raises ``InvalidDicomError``/``OSError`` for unreadable files."""
+    start = time.perf_counter()
+    ds = pydicom.dcmread(path)
+    result = process_dataset(ds, engine, settings.results, heatmap=heatmap, fast=fast)
+    record = summary(path, result, engine, time.perf_counter() - start)
+    stem = path.stem
+    if result.sr is not None:
+        target = out / f"{stem}.sr.dcm"
+        result.sr.save_as(target, enforce_file_format=True)
+        record["outputs"]["sr"] = target.name
+    if result.sc is not None:
+        target = out / f"{stem}.sc.dcm"
+        result.sc.save_as(target, enforce_file_format=True)
+        record["outputs"]["sc"] = target.name
+        if png:
+            from worker.sc import save_png
+
+            record["outputs"]["png"] = save_png(result.sc.pixel_array, out / f"{stem}.png").name
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def run_infer(
+    inputs: Sequence[Path],
+    out: Path,
+    settings: Settings,
+    *,
+    bundle_dir: Path | None = None,
+    device: str | None = None,
+    weights: Path | None = None,
+    heatmap: bool = True,
+    fast: bool = False,
+    png: bool = False,
+) -> int:
+    """Process every input; return the exit status (1 when any file failed)."""
+    paths = list(iter_inputs(inputs))
+    if not paths:
+        print("error: no DICOM files found in the given paths", file=sys.stderr)
+        return EXIT_FAILED
+    out.mkdir(parents=True, exist_ok=True)
+    engine = load_engine(
+        bundle_dir or settings.model.bundle_dir, device or settings.model.device, weights
+    )
+    failures: dict[str, str] = {}
+    for path in tqdm(paths, desc="coronet infer", unit="img", disable=len(paths) < 2):
+        try:
+            record = infer_file(path, engine, settings, out, heatmap=heatmap, fast=fast, png=png)
+        except (InvalidDicomError, OSError, ValueError, CoronetError) as err:
+            failures[str(path)] = f"{type(err).__name__}: {err}"
+            tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
+            continue
+        tqdm.write(f"{path.name}: {record['predicted'] or 'not assessable'}")
+    print(f"{len(paths) - len(failures)} of {len(paths)} files processed; results in {out}")
+    for name, why in failures.items():
+        print(f"  failed: {name}: {why}", file=sys.stderr)
+    return EXIT_FAILED if failures else EXIT_OK
