@@ -250,10 +250,14 @@ def test_generate_dataset_layout(tmp_path: Path, fmt: str) -> None:
     lines = (tmp_path / "phantoms.txt").read_text().splitlines()
     assert len(lines) == 6
     assert all(len(line.split()) == 4 and line.endswith(" phantom") for line in lines)
-    # Deterministic: a second run writes the same pixels.
-    again = generate_dataset(tmp_path / "again", counts, size=64, seed=7, fmt=fmt)  # type: ignore[arg-type]
+    # Deterministic: a second run, in two worker processes, writes the same files in order.
+    again = generate_dataset(tmp_path / "again", counts, size=64, seed=7, fmt=fmt, workers=2)  # type: ignore[arg-type]
+    assert [w.seed for w in again] == [w.seed for w in written]
     for a, b in zip(written, again, strict=True):
         np.testing.assert_array_equal(load_image(a.image), load_image(b.image))
+    assert (tmp_path / "again" / "phantoms.txt").read_text().splitlines() == [
+        line.replace(str(tmp_path), str(tmp_path / "again")) for line in lines
+    ]
 
 
 @pytest.mark.parametrize(

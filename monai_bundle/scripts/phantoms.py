@@ -21,11 +21,13 @@ the same seed gives the same anatomy whatever the label, so the lesion is the on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -727,6 +729,41 @@ def image_seed(seed: int, label: str, index: int) -> int:
     return int(state[0])
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One phantom for ``generate_dataset`` to draw and write."""
+
+    root: Path
+    label: str
+    seed: int
+    split: str | None
+    size: int
+    fmt: ImageFormat
+    dicom: DicomOptions
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.split / self.label if self.split else self.root / self.label
+
+
+def _write_one(job: _Job) -> GeneratedImage:
+    stem = f"phantom-{job.seed:010d}"
+    phantom = make_phantom(job.label, job.size, job.seed)
+    image_path = job.folder / f"{stem}.{job.fmt}"
+    if job.fmt == "png":
+        write_png(phantom, image_path)
+    else:
+        write_dicom(
+            phantom,
+            image_path,
+            modality=job.dicom.modality,
+            photometric=job.dicom.photometric,
+            bits_stored=job.dicom.bits_stored,
+        )
+    mask_path = write_mask_png(phantom, job.folder / f"{stem}{MASK_SUFFIX}.png")
+    return GeneratedImage(image_path, mask_path, job.label, job.seed, job.split)
+
+
 def _assign_splits(n: int, splits: Mapping[str, float] | None, seed: int) -> list[str | None]:
     """Deterministic split name of each of ``n`` images, in proportion to ``splits``."""
     if not splits:
@@ -756,6 +793,7 @@ def generate_dataset(
     splits: Mapping[str, float] | None = None,
     dicom: DicomOptions | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> list[GeneratedImage]:
     """Write ``counts[label]`` phantoms per class under ``root``.
 
@@ -763,7 +801,8 @@ def generate_dataset(
     each image as ``phantom-<seed>{MASK_SUFFIX}.png`` (ignored by the folder reader), plus a
     COVIDx-style list ``root/<split>.txt`` (``root/phantoms.txt`` without splits) whose file
     names are relative to ``root``.  ``splits`` maps split names to fractions, e.g.
-    ``{"train": 0.8, "test": 0.2}``; each class is split in those proportions.
+    ``{"train": 0.8, "test": 0.2}``; each class is split in those proportions.  ``workers``
+    processes draw the images; the files do not depend on it.
     """
     if fmt not in ("png", "dcm"):
         raise ValueError(f"fmt must be 'png' or 'dcm', got {fmt!r}")
@@ -772,36 +811,30 @@ def generate_dataset(
         raise ValueError(f"unknown class names {unknown}; expected a subset of {CLASS_NAMES}")
     root = Path(root)
     options = dicom or DicomOptions()
+    jobs = [
+        _Job(root, label, image_seed(seed, label, index), split, size, fmt, options)
+        for label in CLASS_NAMES
+        for index, split in enumerate(_assign_splits(counts.get(label, 0), splits, seed))
+    ]
+    for folder in {job.folder for job in jobs}:
+        folder.mkdir(parents=True, exist_ok=True)
     written: list[GeneratedImage] = []
     lines: dict[str, list[str]] = {}
-    total = sum(counts.values())
-    with tqdm(total=total, desc="phantoms", unit="img", disable=not progress) as bar:
-        for label in CLASS_NAMES:
-            n = counts.get(label, 0)
-            for index, split in enumerate(_assign_splits(n, splits, seed)):
-                item_seed = image_seed(seed, label, index)
-                folder = root / split / label if split else root / label
-                folder.mkdir(parents=True, exist_ok=True)
-                stem = f"phantom-{item_seed:010d}"
-                phantom = make_phantom(label, size, item_seed)
-                image_path = folder / f"{stem}.{fmt}"
-                if fmt == "png":
-                    write_png(phantom, image_path)
-                else:
-                    write_dicom(
-                        phantom,
-                        image_path,
-                        modality=options.modality,
-                        photometric=options.photometric,
-                        bits_stored=options.bits_stored,
-                    )
-                mask_path = write_mask_png(phantom, folder / f"{stem}{MASK_SUFFIX}.png")
-                written.append(GeneratedImage(image_path, mask_path, label, item_seed, split))
-                relative = image_path.relative_to(root).as_posix()
-                lines.setdefault(split or "phantoms", []).append(
-                    f"PH{item_seed} {relative} {label} phantom"
-                )
-                bar.update(1)
+    with contextlib.ExitStack() as stack:
+        results: Iterable[GeneratedImage] = map(_write_one, jobs)
+        if workers > 1 and len(jobs) > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            results = pool.map(_write_one, jobs, chunksize=8)
+        bar = stack.enter_context(
+            tqdm(total=len(jobs), desc="phantoms", unit="img", disable=not progress)
+        )
+        for item in results:
+            written.append(item)
+            relative = item.image.relative_to(root).as_posix()
+            lines.setdefault(item.split or "phantoms", []).append(
+                f"PH{item.seed} {relative} {item.label} phantom"
+            )
+            bar.update(1)
     for name, entries in lines.items():
         (root / f"{name}.txt").write_text("\n".join(entries) + "\n", encoding="utf-8")
     logger.info("wrote %d phantoms under %s", len(written), root)
@@ -843,6 +876,9 @@ def _parser() -> argparse.ArgumentParser:
         "--photometric", choices=("MONOCHROME1", "MONOCHROME2"), default="MONOCHROME2"
     )
     parser.add_argument("--bits-stored", type=int, default=12, help="DICOM only (8..16)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes drawing phantoms (default 1)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -861,6 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits=args.splits,
         dicom=DicomOptions(args.modality, args.photometric, args.bits_stored),
         progress=not args.no_progress,
+        workers=args.workers,
     )
     print(f"wrote {len(written)} synthetic phantoms (not clinical data) to {args.out}")
     return 0
