@@ -17,6 +17,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
+from monai_bundle.scripts.phantoms import Modality, make_phantom, phantom_dataset
 from tests.support.dicom_tools import dciodvfy, dsr2html, html_to_text, storescu
 from tests.support.orthanc import running_orthanc
 from worker import device
@@ -49,18 +50,9 @@ def _rg1() -> Dataset:
     return pydicom.dcmread(RG1)
 
 
-def _synthetic_source(tag: str) -> Dataset:
-    """A small CR image with RG1's header and new patient, study, series and SOP UIDs."""
-    ds = pydicom.dcmread(RG1)
-    ds.PatientName = f"Synthetic^{tag}"
-    ds.PatientID = f"SYN-{tag}"
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.Rows = ds.Columns = 64
-    ds.PixelData = np.zeros((64, 64), dtype=np.uint16).tobytes()
-    return ds
+def _phantom_source(label: str, modality: Modality = "CR", seed: int = 11) -> Dataset:
+    """A synthetic chest phantom of class ``label`` as a DICOM CR/DX in a study of its own."""
+    return phantom_dataset(make_phantom(label, 128, seed), modality=modality)
 
 
 def _prediction(probs: tuple[float, float, float]) -> Prediction:
@@ -252,22 +244,28 @@ SR_CASES = [
     pytest.param(_rg1, _prediction((0.1, 0.2, 0.7)), False, id="rg1-covid19"),
     pytest.param(_rg1, _prediction((0.05, 0.15, 0.8)), True, id="rg1-covid19-heatmap"),
     pytest.param(
-        lambda: _synthetic_source("N"), _prediction((0.9, 0.06, 0.04)), False, id="synth-normal"
+        lambda: _phantom_source("normal"),
+        _prediction((0.9, 0.06, 0.04)),
+        False,
+        id="phantom-normal",
     ),
     pytest.param(
-        lambda: _synthetic_source("P"),
+        lambda: _phantom_source("pneumonia", "DX"),
         _prediction((0.123456789, 0.654321, 0.222222211)),
         True,
-        id="synth-pneumonia",
+        id="phantom-dx-pneumonia",
     ),
     pytest.param(
-        lambda: _synthetic_source("C"), _prediction((0.01, 0.02, 0.97)), False, id="synth-covid19"
+        lambda: _phantom_source("COVID-19"),
+        _prediction((0.01, 0.02, 0.97)),
+        True,
+        id="phantom-covid19",
     ),
     pytest.param(
-        lambda: _synthetic_source("U"),
+        lambda: _phantom_source("normal", seed=12),
         Unassessable(("not a frontal chest view (ViewPosition LL)", "image smaller than 256 px")),
         False,
-        id="synth-unassessable",
+        id="phantom-unassessable",
     ),
 ]
 
@@ -370,7 +368,7 @@ def _source_without_sop_uid() -> Dataset:
 
 
 def _heatmap_other_study() -> Dataset:
-    return _heatmap_for(_synthetic_source("X"))
+    return _heatmap_for(_phantom_source("normal", seed=13))
 
 
 @pytest.mark.parametrize(
