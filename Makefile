@@ -10,6 +10,7 @@ DEB_PACKAGES := redis-server dcmtk dicom3tools orthanc
 DEB_TOOLS := redis-server storescu echoscu storescp dsr2html dciodvfy Orthanc
 CONFIG ?= configs/node.yaml
 PYTEST_ARGS ?=
+RUN_ARGS ?=
 
 .PHONY: help setup venv system-deps lint typecheck pytest test run clean
 
@@ -58,10 +59,7 @@ pytest: setup
 test: setup lint typecheck pytest
 
 run: setup
-	$(VENV)/bin/coronet config check $(CONFIG)
-	@echo "The configuration is valid.  The node is built (coronet node serve), but the worker and"; \
-	 echo "the all-in-one supervisor (issue 7) are not yet, so make run does not pretend to start"; \
-	 echo "the system."; exit 1
+	$(VENV)/bin/coronet run --config $(CONFIG) $(RUN_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

@@ -54,3 +54,48 @@ SOURCE_SERVICE_USER: Final = 0x01
 REASON_NO_REASON: Final = 0x01
 REASON_CALLING_AE_NOT_RECOGNISED: Final = 0x03
 REASON_CALLED_AE_NOT_RECOGNISED: Final = 0x07
+
+# --------------------------------------------------------------------------- as a Storage SCU
+# Statuses a destination may answer to our C-STORE of a result (PS3.4 Table B.2-1, PS3.7 C),
+# used by ``worker.delivery`` to decide between delivered, retry later and refused for good.
+
+WARNING_COERCION_OF_DATA_ELEMENTS: Final = 0xB000
+"""Warning: Coercion of Data Elements (PS3.4 B.2.3): stored, with changes."""
+WARNING_ELEMENTS_DISCARDED: Final = 0xB006
+"""Warning: Elements Discarded (PS3.4 B.2.3): stored, some elements dropped."""
+WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xB007
+"""Warning: Data Set does not match SOP Class (PS3.4 B.2.3): stored anyway."""
+WARNING_RANGE: Final = range(0xB000, 0xC000)
+"""Bxxx: warnings; the instance was stored (PS3.4 B.2.3)."""
+OUT_OF_RESOURCES_RANGE: Final = range(0xA700, 0xA800)
+"""A7xx: Refused: Out of resources; worth trying again later."""
+DATASET_DOES_NOT_MATCH_RANGE: Final = range(0xA900, 0xAA00)
+"""A9xx: Error: Data Set does not match SOP Class; sending again will not help."""
+CANNOT_UNDERSTAND_RANGE: Final = range(0xC000, 0xD000)
+"""Cxxx: Error: Cannot understand; sending again will not help."""
+DUPLICATE_SOP_INSTANCE: Final = 0x0111
+"""Failure: Duplicate SOP Instance (PS3.7 C.5.7): the peer already holds this instance."""
+INVALID_SOP_INSTANCE: Final = 0x0117
+"""Failure: Invalid SOP Instance (PS3.7 C.5.11)."""
+NOT_AUTHORIZED: Final = 0x0124
+"""Refused: Not Authorized (PS3.7 C.5.20)."""
+DUPLICATE_INVOCATION: Final = 0x0210
+"""Failure: Duplicate Invocation (PS3.7 C.5.8): a message ID clash; try again."""
+RESOURCE_LIMITATION: Final = 0x0213
+"""Failure: Resource Limitation (PS3.7 C.5.16); try again later."""
+CANCEL: Final = 0xFE00
+"""Cancel (PS3.7 C.3): the operation was cancelled; try again."""
+
+NAMES.update(
+    {
+        WARNING_COERCION_OF_DATA_ELEMENTS: "Warning: Coercion of Data Elements",
+        WARNING_ELEMENTS_DISCARDED: "Warning: Elements Discarded",
+        WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS: "Warning: Data Set does not match SOP Class",
+        DUPLICATE_SOP_INSTANCE: "Failure: Duplicate SOP Instance",
+        INVALID_SOP_INSTANCE: "Failure: Invalid SOP Instance",
+        NOT_AUTHORIZED: "Refused: Not Authorized",
+        DUPLICATE_INVOCATION: "Failure: Duplicate Invocation",
+        RESOURCE_LIMITATION: "Failure: Resource Limitation",
+        CANCEL: "Cancel",
+    }
+)

@@ -79,8 +79,9 @@ def _build(source: Dataset, **kwargs: Any) -> Any:
     prediction = arguments.pop("prediction", PREDICTION)
     algorithm = arguments.pop("algorithm", ALGORITHM)
     with warnings.catch_warnings():
-        # RG1's Referring Physician's Name "ward" has one component; highdicom warns.
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person")
+        # RG1's Referring Physician's Name "ward" has one component: highdicom's warning about
+        # it must not reach the worker's log, so any UserWarning fails the test.
+        warnings.simplefilter("error", UserWarning)
         return build_sc(source, heatmap, prediction, algorithm, **arguments)
 
 

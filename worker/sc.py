@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import warnings
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -92,6 +93,7 @@ BURNED_IN_ANNOTATION: Final = "YES"
 BODY_PART_CHEST: Final = "CHEST"
 LOSSY_COMPRESSION_NONE: Final = "00"
 RGB: Final = "RGB"
+PERSON_NAME_WARNING: Final = ".*unlikely to represent the intended person name"
 BITS_ALLOCATED: Final = 8
 INSTANCE_NUMBER: Final = 1
 #: Purpose of the Source Image Sequence item (CID 7202).
@@ -330,7 +332,28 @@ def build_sc(
         model_version=algorithm.version,
     )
     now = datetime.datetime.now().astimezone()
-    sc = hd.sc.SCImage.from_ref_dataset(
+    with warnings.catch_warnings():
+        # The patient and physician names are copied from the source as they are; highdicom's
+        # advice about single-component names concerns the modality, not us.
+        warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
+        sc = _build(
+            source, pixels, algorithm, series_number, series_description, institution_name, now
+        )
+    _finish(sc, source, algorithm, now, institution_name)
+    logger.info("built heatmap SC (%dx%d RGB)", sc.Rows, sc.Columns)
+    return sc
+
+
+def _build(
+    source: Dataset,
+    pixels: NDArray[np.uint8],
+    algorithm: AlgorithmInfo,
+    series_number: int,
+    series_description: str,
+    institution_name: str | None,
+    now: datetime.datetime,
+) -> hd.sc.SCImage:
+    return hd.sc.SCImage.from_ref_dataset(
         ref_dataset=_reference_header(source),
         pixel_array=pixels,
         photometric_interpretation=RGB,
@@ -354,9 +377,6 @@ def build_sc(
         series_date=now.date(),
         series_time=now.time().replace(tzinfo=None),
     )
-    _finish(sc, source, algorithm, now, institution_name)
-    logger.info("built heatmap SC (%dx%d RGB)", sc.Rows, sc.Columns)
-    return sc
 
 
 def _reference_header(source: Dataset) -> Dataset:

@@ -1,0 +1,198 @@
+"""docker-compose.yml against the real CLI and configuration (no Docker engine runs here).
+
+The compose file is parsed with PyYAML: every command of our image must parse with the
+``coronet`` parser, the mounted configuration must exist and validate, and the ports, AE titles,
+queue and Lua script must agree between the compose file, the node's configuration and
+Orthanc's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dicom_node.cli import build_parser
+from dicom_node.config import Settings, load_settings
+from tests.node_fixtures import redis_fixture, redis_server_fixture
+from tests.support.redis_server import RedisServer
+from worker.supervisor import ORTHANC_MODALITY
+
+__all__ = ["redis_fixture", "redis_server_fixture"]
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+IMAGE_SERVICES = ("node", "worker-gpu", "worker-cpu")
+CONFIG_IN_CONTAINER = "/etc/coronet/node.yaml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def _service(compose: dict[str, Any], name: str) -> dict[str, Any]:
+    service = compose["services"][name]
+    assert isinstance(service, dict)
+    return service
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> host path of the bind mounts (named volumes are skipped)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            mounts[target] = ROOT / source
+    return mounts
+
+
+def _settings(compose: dict[str, Any]) -> Settings:
+    host_path = _mounts(_service(compose, "node"))[CONFIG_IN_CONTAINER]
+    return load_settings(host_path, environ={})
+
+
+def _orthanc_config(compose: dict[str, Any]) -> dict[str, Any]:
+    orthanc = _service(compose, "orthanc")
+    config_target = orthanc["command"][-1]
+    config: dict[str, Any] = json.loads(_mounts(orthanc)[config_target].read_text())
+    return config
+
+
+def _published(service: dict[str, Any]) -> dict[int, int]:
+    """Container port -> published port."""
+    ports = {}
+    for mapping in service.get("ports", []):
+        parts = str(mapping).split(":")
+        ports[int(parts[-1])] = int(parts[-2])
+    return ports
+
+
+def test_every_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"redis", "orthanc", *IMAGE_SERVICES}
+    for name, service in compose["services"].items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+@pytest.mark.parametrize("name", IMAGE_SERVICES)
+def test_commands_parse_with_the_cli(compose: dict[str, Any], name: str) -> None:
+    command = _service(compose, name)["command"]
+    assert command[0] == "coronet"
+    args = build_parser().parse_args(command[1:])
+    assert args.config == Path(CONFIG_IN_CONTAINER)
+    assert CONFIG_IN_CONTAINER in _mounts(_service(compose, name))
+
+
+def test_mounted_config_validates_and_matches_the_services(compose: dict[str, Any]) -> None:
+    settings = _settings(compose)
+    node = _service(compose, "node")
+    assert settings.node.host == "0.0.0.0"
+    assert _published(node)[settings.node.port] == settings.node.port
+    assert settings.broker.url.startswith("redis://redis:")  # the Compose service
+    assert settings.storage.spool_dir.is_absolute() and settings.storage.outbox_dir.is_absolute()
+    for name in IMAGE_SERVICES:  # every process shares the data volume with the spool
+        volumes = _service(compose, name)["volumes"]
+        assert any(str(settings.storage.spool_dir).startswith(v.split(":")[1]) for v in volumes)
+
+
+@pytest.mark.parametrize("name", ["worker-gpu", "worker-cpu"])
+def test_workers_consume_the_node_queue(compose: dict[str, Any], name: str) -> None:
+    settings = _settings(compose)
+    args = build_parser().parse_args(_service(compose, name)["command"][1:])
+    assert (args.queue or settings.broker.queue) == settings.broker.queue
+    healthcheck = " ".join(_service(compose, name)["healthcheck"]["test"])
+    kind = _service(compose, name)["environment"]["WORKER_KIND"]
+    assert args.hostname == f"coronet-{kind}@%h"
+    assert "celery -A worker.celery_app inspect ping" in healthcheck
+
+
+def test_gpu_reservation_and_cpu_fallback(compose: dict[str, Any]) -> None:
+    gpu = _service(compose, "worker-gpu")
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    cpu = _service(compose, "worker-cpu")
+    assert "deploy" not in cpu
+    assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
+    args = build_parser().parse_args(cpu["command"][1:])
+    assert (
+        load_settings(_mounts(cpu)[CONFIG_IN_CONTAINER], args.overrides, environ={}).model.device
+        == "cpu"
+    )
+
+
+def test_orthanc_routes_to_the_node_and_receives_results(compose: dict[str, Any]) -> None:
+    settings = _settings(compose)
+    config = _orthanc_config(compose)
+    aet, host, port = config["DicomModalities"][ORTHANC_MODALITY]
+    assert (aet, host, port) == (settings.node.ae_title, "node", settings.node.port)
+    (destination,) = settings.destinations
+    assert (destination.ae_title, destination.host, destination.port) == (
+        config["DicomAet"],
+        "orthanc",
+        config["DicomPort"],
+    )
+    caller = settings.caller(config["DicomAet"])
+    assert caller is not None and caller.host == "orthanc"
+    orthanc = _service(compose, "orthanc")
+    assert _published(orthanc)[config["DicomPort"]] == config["DicomPort"]
+    assert _published(orthanc)[config["HttpPort"]] == config["HttpPort"]
+    (script,) = config["LuaScripts"]
+    assert _mounts(orthanc)[script] == ROOT / "configs" / "orthanc" / "autoroute.lua"
+
+
+def test_healthchecks_use_allowed_callers(compose: dict[str, Any]) -> None:
+    settings = _settings(compose)
+    test = _service(compose, "node")["healthcheck"]["test"]
+    calling = test[test.index("-aet") + 1]
+    called = test[test.index("-aec") + 1]
+    assert settings.caller(calling) is not None and called == settings.node.ae_title
+    assert test[-1] == str(settings.node.port)
+
+
+def test_lua_script_routes_cr_dx_only() -> None:
+    script = (ROOT / "configs" / "orthanc" / "autoroute.lua").read_text(encoding="utf-8")
+    assert f"TARGET = '{ORTHANC_MODALITY}'" in script
+    assert re.search(r"ROUTED_MODALITIES = \{ CR = true, DX = true \}", script)
+    for never in ("SR", "OT", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7'"):
+        assert f"'{never}'" not in script and f" {never} =" not in script
+    assert "function OnStoredInstance(instanceId, tags, metadata, origin)" in script
+
+
+def test_dockerfile_matches_the_compose_file(compose: dict[str, Any]) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"(?m)^FROM python:3\.11-slim$", dockerfile)
+    assert "dcmtk" in dockerfile and "orthanc" in dockerfile
+    assert "pip install --no-cache-dir ." in dockerfile
+    images = {compose["services"][name]["image"] for name in (*IMAGE_SERVICES, "orthanc")}
+    assert len(images) == 1
+
+
+@pytest.mark.integration
+def test_worker_healthcheck_command_finds_the_app(redis: RedisServer, tmp_path: Path) -> None:
+    """``celery -A worker.celery_app inspect ping`` builds the app lazily from $CORONET_CONFIG."""
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"broker": {"url": redis.url}}), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORONET_")}
+    env["CORONET_CONFIG"] = str(config)
+    celery = Path(sys.executable).parent / "celery"
+    proc = subprocess.run(
+        [str(celery), "-A", "worker.celery_app", "inspect", "ping", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    output = proc.stdout + proc.stderr
+    # No worker runs, so no node replies: but the app was found and reached the broker.
+    assert "No nodes replied" in output, output
+    assert "Unable to load celery application" not in output

@@ -1,0 +1,522 @@
+"""The worker: the study processor, the Celery task's retries and dead letters, and real
+``coronet worker`` processes (kill -9 mid-task, destination down and back) on loopback.
+
+The processor and Celery-glue tests replace the model with :class:`StandInModel` (real SR and
+SC objects for a fixed prediction) so they test queueing and delivery, not the network; the
+worker-process tests run the real engine with the bundle's demo weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import yaml
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
+
+import monai_bundle
+from dicom_node.cli import build_parser, main
+from dicom_node.config import Settings, settings_from_data
+from dicom_node.errors import ConfigError, InferenceError
+from dicom_node.queueing import TASK_NAME, CeleryQueue
+from dicom_node.spool import Spool, StoredInstance
+from tests.node_fixtures import (
+    RG1_UNCR,
+    make_instance,
+    redis_fixture,
+    redis_server_fixture,
+    wait_until,
+)
+from tests.support.redis_server import RedisServer, free_port
+from tests.worker_fixtures import RecordingSCP, StandInModel, phantom_source
+from worker.celery_app import WorkerOptions, make_app, resolve_device, runtime_of
+from worker.cli import check_bundle, worker_options
+from worker.outbox import Outbox
+from worker.results import Unassessable
+from worker.tasks import AttemptCounter, InstanceLocks, backoff_delay
+
+__all__ = ["redis_fixture", "redis_server_fixture"]  # fixtures used by this module
+
+BUNDLE = Path(monai_bundle.__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+@pytest.mark.parametrize(
+    ("setting", "index", "gpus", "expected"),
+    [
+        ("cpu", 3, 4, "cpu"),
+        ("cuda:1", 0, 4, "cuda:1"),
+        ("auto", 0, 0, "cpu"),
+        ("auto", 2, 0, "cpu"),
+        ("auto", 0, 2, "cuda:0"),
+        ("auto", 1, 2, "cuda:1"),
+        ("auto", 2, 2, "cuda:0"),
+        ("auto", 5, 4, "cuda:1"),
+    ],
+)
+def test_device_per_pool_process(setting: str, index: int, gpus: int, expected: str) -> None:
+    assert resolve_device(setting, index, gpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("retries", "base", "maximum", "low", "high"),
+    [(0, 2.0, 300.0, 1.0, 2.0), (3, 2.0, 300.0, 8.0, 16.0), (20, 2.0, 300.0, 150.0, 300.0)],
+)
+def test_backoff_is_exponential_with_jitter(
+    retries: int, base: float, maximum: float, low: float, high: float
+) -> None:
+    rng = random.Random(retries)
+    delays = [backoff_delay(retries, base, maximum, rng) for _ in range(200)]
+    assert all(low <= d <= high for d in delays)
+    assert len(set(delays)) > 1  # jitter
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"time_limit": 100.0, "visibility_timeout": 50.0}, "visibility timeout must exceed"),
+        ({"soft_time_limit": 900.0, "time_limit": 900.0}, "soft time limit"),
+        ({"retry_backoff_max": 4000.0}, "longest retry countdown"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"max_retries": -1}, "must not be negative"),
+    ],
+)
+def test_worker_options_are_checked(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        WorkerOptions(**options)
+
+
+@pytest.mark.parametrize(
+    ("argv", "device", "concurrency", "visibility"),
+    [
+        ([], "cpu", 1, 3600.0),
+        (["--concurrency", "2", "--time-limit", "2000"], "cpu", 2, 4000.0),
+        (["--visibility-timeout", "30", "--time-limit", "20", "--retry-backoff-max", "5"], "cpu",
+         1, 30.0),
+        ([], "auto", 1, 3600.0),  # no GPU here: one CPU process
+    ],
+)  # fmt: skip
+def test_worker_command_options(
+    argv: list[str], device: str, concurrency: int, visibility: float
+) -> None:
+    args = build_parser().parse_args(["worker", *argv])
+    options = worker_options(args, device)
+    assert options.concurrency == concurrency
+    assert options.visibility_timeout == visibility
+    assert options.soft_time_limit < options.time_limit < options.visibility_timeout
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ([], "not a CoroNet bundle"),
+        (["configs/inference.json", "configs/metadata.json"], "no weights"),
+        (["configs/inference.json", "configs/metadata.json", "models/model.pt"], None),
+    ],
+)
+def test_worker_refuses_to_start_without_a_bundle(
+    tmp_path: Path, files: list[str], message: str | None
+) -> None:
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    if message is None:
+        check_bundle(tmp_path)
+        return
+    with pytest.raises(ConfigError, match=message):
+        check_bundle(tmp_path)
+
+
+# --------------------------------------------------------------------------- processor + task
+
+
+def _settings(tmp_path: Path, broker_url: str, **sections: Any) -> Settings:
+    data: dict[str, Any] = {
+        "node": {"ae_title": "CORONET", "port": free_port()},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "outbox_dir": str(tmp_path / "out")},
+        "broker": {"url": broker_url, "queue": f"q{random.randrange(10**6)}"},
+        "model": {"bundle_dir": str(BUNDLE), "device": "cpu"},
+        **sections,
+    }
+    return settings_from_data(data)
+
+
+def _spool_study(settings: Settings, tmp_path: Path, count: int = 1) -> list[StoredInstance]:
+    spool = Spool(settings.storage.spool_dir)
+    study_uid = generate_uid()
+    stored = []
+    for index in range(count):
+        path = tmp_path / "in" / f"{index}.dcm"
+        ds = phantom_source(path, study_uid=study_uid, seed=index)
+        stored.append(spool.store(path, str(ds.SOPInstanceUID), study_uid))
+    return stored
+
+
+@pytest.fixture(name="scp")
+def scp_fixture() -> Iterator[RecordingSCP]:
+    scp = RecordingSCP().start()
+    yield scp
+    scp.stop()
+
+
+def _app(settings: Settings, model: StandInModel, **options: Any) -> Celery:
+    return make_app(settings, WorkerOptions(**options), analyse=model)
+
+
+def _run(app: Celery, *args: Any, task_id: str | None = None) -> None:
+    """Run the task in this process; an eager retry runs again at once (no countdown)."""
+    result = app.tasks[TASK_NAME].apply(
+        args=list(args), task_id=task_id or generate_uid(), throw=False
+    )
+    result.get()  # re-raises what the task raised
+
+
+pytestmark = pytest.mark.integration
+
+
+def test_study_is_analysed_stored_delivered_and_done(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    stored = _spool_study(settings, tmp_path, count=2)
+    study_key = stored[0].study_key
+    model = StandInModel()
+    app = _app(settings, model)
+    with caplog.at_level(logging.INFO, logger="worker"):
+        _run(app, study_key)
+    assert model.calls == 2
+    assert sorted(r.sop_class_uid for r in scp.stored()) == sorted(
+        [Comprehensive3DSRStorage, SecondaryCaptureImageStorage] * 2
+    )
+    spool = Spool(settings.storage.spool_dir)
+    assert spool.pending_instances(study_key) == []
+    outbox = Outbox(settings.storage.outbox_dir)
+    assert {outbox.state(r.key, "pacs") for r in outbox.results()} == {"delivered"}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study ")]
+    assert len(lines) == 1 and study_key in lines[0] and "delivered" in lines[0]
+    sources = [pydicom.dcmread(s.path) for s in stored]
+    for ds in sources:  # no PHI and no UID in clear at INFO
+        for value in (ds.StudyInstanceUID, ds.SOPInstanceUID, ds.PatientID, str(ds.PatientName)):
+            assert str(value) not in caplog.text
+    # A repeated task (recovery, duplicate) is a no-op: no analysis, nothing sent again.
+    _run(app, study_key)
+    assert model.calls == 2 and len(scp.stored()) == 4
+
+
+def test_only_the_given_instances_are_processed(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP
+) -> None:
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    first, second = _spool_study(settings, tmp_path, count=2)
+    model = StandInModel()
+    _run(_app(settings, model), first.study_key, [second.instance_key])
+    assert model.calls == 1
+    assert Spool(settings.storage.spool_dir).pending_instances(first.study_key) == [
+        first.instance_key
+    ]
+
+
+@pytest.mark.parametrize(
+    ("crash_after", "analysed", "sent"),
+    [
+        ("outbox written", 0, 2),  # analysed before, not delivered: deliver, do not analyse
+        ("delivered", 0, 0),  # delivered before, spool not marked: nothing sent again
+    ],
+)
+def test_a_rerun_after_a_crash_resumes_where_it_stopped(
+    tmp_path: Path,
+    redis: RedisServer,
+    scp: RecordingSCP,
+    crash_after: str,
+    analysed: int,
+    sent: int,
+) -> None:
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    (stored,) = _spool_study(settings, tmp_path)
+    outbox = Outbox(settings.storage.outbox_dir)
+    source = pydicom.dcmread(stored.path)
+    record = outbox.put(
+        stored.study_key,
+        stored.instance_key,
+        StandInModel()(source).datasets,
+        outcome="prediction",
+    )
+    if crash_after == "delivered":
+        for key in record.results:
+            outbox.mark_delivered(key, "pacs", 0)
+    model = StandInModel()
+    _run(_app(settings, model), stored.study_key)
+    assert model.calls == analysed
+    assert len(scp.stored()) == sent
+    assert Spool(settings.storage.spool_dir).pending_instances(stored.study_key) == []
+
+
+@pytest.mark.parametrize(
+    ("on_unassessable", "kinds"), [("report", [Comprehensive3DSRStorage]), ("skip", [])]
+)
+def test_unassessable_images(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP, on_unassessable: str, kinds: list[str]
+) -> None:
+    settings = _settings(
+        tmp_path,
+        redis.url,
+        destinations=[scp.destination()],
+        results={"on_unassessable": on_unassessable},
+    )
+    (stored,) = _spool_study(settings, tmp_path)
+    outcome = Unassessable(("not a frontal chest radiograph",))
+    _run(_app(settings, StandInModel(outcome=outcome, settings=settings.results)), stored.study_key)
+    assert [r.sop_class_uid for r in scp.stored()] == kinds
+    assert Spool(settings.storage.spool_dir).pending_instances(stored.study_key) == []
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (InferenceError("the network failed: out of memory"), "out of memory"),
+        (SoftTimeLimitExceeded(), "longer than its time limit"),
+    ],
+)
+def test_analysis_failure_is_dead_lettered_not_retried(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP, error: Exception, reason: str
+) -> None:
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    (stored,) = _spool_study(settings, tmp_path)
+    model = StandInModel(fail_with=error)
+    _run(_app(settings, model), stored.study_key)
+    assert model.calls == 1 and scp.stored() == []
+    assert Spool(settings.storage.spool_dir).pending_instances(stored.study_key) == []
+    dead = Outbox(settings.storage.outbox_dir).dead_sources()
+    assert [d.key for d in dead] == [f"{stored.study_key}/{stored.instance_key}"]
+    assert reason in dead[0].reason
+
+
+def test_unavailable_destination_is_retried_then_dead_lettered(
+    tmp_path: Path, redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = RecordingSCP()  # never started: connection refused
+    settings = _settings(tmp_path, redis.url, destinations=[down.destination()])
+    (stored,) = _spool_study(settings, tmp_path)
+    model = StandInModel()
+    app = _app(settings, model, max_retries=3, retry_backoff=0.01, retry_backoff_max=0.02)
+    with caplog.at_level(logging.WARNING, logger="worker.tasks"):
+        _run(app, stored.study_key)
+    retries = [r.getMessage() for r in caplog.records if ": retry " in r.getMessage()]
+    assert [m.split(": retry ")[1][:6] for m in retries] == ["1 of 3", "2 of 3", "3 of 3"]
+    assert model.calls == 1  # analysed once; the retries only deliver
+    outbox = Outbox(settings.storage.outbox_dir)
+    letters = outbox.dead_letters("pacs")
+    assert len(letters) == 2
+    assert all("after the last retry" in d.reason for d in letters)
+    assert Spool(settings.storage.spool_dir).pending_instances(stored.study_key) == []
+
+
+def test_a_message_redelivered_too_often_is_dead_lettered(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP
+) -> None:
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    (stored,) = _spool_study(settings, tmp_path)
+    model = StandInModel()
+    app = _app(settings, model, max_redeliveries=2)
+    counter = AttemptCounter(redis.client())
+    for _ in range(3):  # three starts that never finished (the worker was lost each time)
+        counter.count("poison", 0)
+    _run(app, stored.study_key, task_id="poison")
+    assert model.calls == 0 and scp.stored() == []
+    dead = Outbox(settings.storage.outbox_dir).dead_sources()
+    assert len(dead) == 1 and "started 4 times" in dead[0].reason
+    assert Spool(settings.storage.spool_dir).pending_instances(stored.study_key) == []
+
+
+@pytest.mark.parametrize(("holder", "busy"), [("other-task", True), ("this-task", False)])
+def test_instance_locks(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP, holder: str, busy: bool
+) -> None:
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    (stored,) = _spool_study(settings, tmp_path)
+    locks = InstanceLocks(redis.client(), ttl_s=60)
+    assert locks.acquire(stored.study_key, stored.instance_key, holder)
+    model = StandInModel()
+    _run(_app(settings, model), stored.study_key, task_id="this-task")
+    assert model.calls == (0 if busy else 1)
+    pending = Spool(settings.storage.spool_dir).pending_instances(stored.study_key)
+    assert pending == ([stored.instance_key] if busy else [])
+
+
+def test_runtime_is_attached_and_engine_not_loaded_at_build(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    settings = _settings(tmp_path, redis.url)
+    app = make_app(settings)
+    runtime = runtime_of(app)
+    assert runtime.engine is None
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert app.conf.worker_prefetch_multiplier == 1
+    assert app.conf.broker_transport_options["visibility_timeout"] > app.conf.task_time_limit
+    assert app.conf.task_default_queue == settings.broker.queue
+    assert app.conf.accept_content == ["json"]
+
+
+# --------------------------------------------------------------------------- real workers
+
+
+class WorkerProcess:
+    """``coronet worker`` in its own process group; output collected on a thread."""
+
+    def __init__(self, config: Path, *options: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CORONET_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.output: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "worker", "--config", str(config), *options],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        wait_until(
+            lambda: "loaded on" in self.text() or self.process.poll() is not None,
+            timeout,
+            "the worker to load the model",
+        )
+        assert self.process.poll() is None, self.text()
+
+    def kill_all(self) -> None:
+        """kill -9 the worker and its pool processes."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self._reader.join(timeout=5)
+
+
+def _worker_config(tmp_path: Path, settings: Settings) -> Path:
+    path = tmp_path / "worker.yaml"
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")), encoding="utf-8")
+    return path
+
+
+def _require_weights() -> None:
+    if not (BUNDLE / "models" / "model.pt").is_file():
+        pytest.fail("the bundle's demo weights (monai_bundle/models/model.pt) are missing")
+
+
+#: No heatmap: these tests are about the queue and delivery; tests/test_e2e.py makes heatmaps.
+WORKER = ("--concurrency", "1", "--threads", "1", "--heatmap", "off", "--max-retries", "50")
+#: Short retries; a short visibility timeout, so a lost message comes back within seconds.
+FAST_RETRIES = ("--retry-backoff", "0.5", "--retry-backoff-max", "2")
+SHORT_VISIBILITY = ("--time-limit", "12", "--visibility-timeout", "13")
+
+
+def _spool_rg1(settings: Settings, tmp_path: Path) -> StoredInstance:
+    """The real chest CR (1955 x 1841): its analysis takes long enough to be interrupted."""
+    path = tmp_path / "in" / "rg1.dcm"
+    ds = make_instance(RG1_UNCR, path)
+    spool = Spool(settings.storage.spool_dir)
+    return spool.store(path, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID))
+
+
+def test_kill_9_mid_task_delivers_exactly_one_sr(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP
+) -> None:
+    """acks_late + a short visibility timeout: the study comes back after the worker died."""
+    _require_weights()
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    config = _worker_config(tmp_path, settings)
+    options = (*WORKER, *FAST_RETRIES, *SHORT_VISIBILITY)
+    stored = _spool_rg1(settings, tmp_path)
+    client = redis.client()
+    lock = f"coronet:lock:{stored.study_key}:{stored.instance_key}"
+    first = WorkerProcess(config, *options)
+    try:
+        first.wait_ready()
+        CeleryQueue.from_settings(settings.broker).enqueue_study(stored.study_key)
+        wait_until(lambda: client.exists(lock), 60, "the task to start")
+        first.kill_all()
+    finally:
+        first.stop()
+    assert scp.stored() == []
+    second = WorkerProcess(config, *options)
+    try:
+        wait_until(lambda: len(scp.stored()) >= 1, 120, "the redelivered task's SR")
+        wait_until(
+            lambda: not Spool(settings.storage.spool_dir).pending_instances(stored.study_key),
+            30,
+            "the spool instance to be done",
+        )
+    finally:
+        second.stop()
+    assert len(scp.stored(Comprehensive3DSRStorage)) == 1, second.text()
+    assert len(scp.stored()) == 1  # no heatmap here: the SR only
+    starts = [int(client.get(k) or 0) for k in client.scan_iter("coronet:attempts:*")]
+    assert starts == [2]  # the same message, started twice
+    assert "redelivered" in second.text()
+
+
+def test_results_wait_in_the_outbox_while_the_destination_is_down(
+    tmp_path: Path, redis: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _require_weights()
+    scp = RecordingSCP()  # not started yet: the destination is down
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    config = _worker_config(tmp_path, settings)
+    options = (*WORKER, *FAST_RETRIES)
+    (stored,) = _spool_study(settings, tmp_path)
+    outbox = Outbox(settings.storage.outbox_dir)
+    worker = WorkerProcess(config, *options)
+    try:
+        worker.wait_ready()
+        CeleryQueue.from_settings(settings.broker).enqueue_study(stored.study_key)
+        wait_until(lambda: "will retry" in worker.text(), 120, "a failed delivery")
+        assert [outbox.state(r.key, "pacs") for r in outbox.results()] == ["pending"]
+        assert Spool(settings.storage.spool_dir).pending_instances(stored.study_key)
+        assert main(["outbox", "list", "--config", str(config)]) == 0
+        assert "pacs: 0 delivered, 1 pending, 0 dead-lettered" in capsys.readouterr().out
+        scp.start()  # the destination comes back
+        wait_until(lambda: scp.stored(), 60, "delivery after the destination returned")
+        wait_until(
+            lambda: not Spool(settings.storage.spool_dir).pending_instances(stored.study_key),
+            30,
+            "the spool instance to be done",
+        )
+    finally:
+        worker.stop()
+        scp.stop()
+    assert {outbox.state(r.key, "pacs") for r in outbox.results()} == {"delivered"}
+    assert [r.sop_class_uid for r in scp.stored()] == [Comprehensive3DSRStorage]
+    assert "delivered" in worker.text().split("will retry")[-1]
