@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -270,11 +269,6 @@ def _configure_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Before any command loads torch's OpenMP: idle threads sleep instead of spinning.  With
-    # spinning, two threads on a host whose cores are busy with other work ran a forward and
-    # backward pass about 25x slower than one (11.5 s against 0.44 s, measured here), and
-    # `coronet infer` beside a busy worker took 218 s for a heatmap that takes 14 s.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 # The tests run torch in this process and in the workers, nodes and tools they start, on few
-# cores.  Spinning OpenMP threads then slow everything down many times over; sleeping ones do
-# not (the `coronet` command sets the same default for the same reason).
+# cores, so torch's threads oversubscribe the CPU.  Spinning OpenMP threads then slow every
+# process down several times over; sleeping ones do not (see docs/benchmarks.md).  The child
+# processes inherit the setting.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -19,8 +19,11 @@ logger = logging.getLogger(__name__)
 _WORKER_EPILOG = """\
 Devices: model.device cpu or cuda:N is used by every pool process.  With auto, a host with G
 GPUs gets G processes by default, process i pinned to cuda:(i mod G); without a GPU, the CPU
-is used and the cores are shared between the processes (torch threads = cores / concurrency;
-OMP_WAIT_POLICY defaults to PASSIVE, so idle OpenMP threads do not spin on a busy host).
+is used and the cores are shared between the processes (torch threads = cores / concurrency).
+On a host whose cores are also busy with other work, set OMP_WAIT_POLICY=PASSIVE: waiting
+OpenMP threads then sleep instead of spinning.  Measured on 2 cores (docs/benchmarks.md): one
+fast heatmap alone takes 7.2 s with the default and 12.7 s with PASSIVE; two at once take
+29.5 s each with the default and 11.5 s each with PASSIVE.
 
 Delivery: messages are acknowledged only after the task finished (acks_late), so a worker
 killed mid-task gets its study again, from the broker after --visibility-timeout.  A message

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,34 @@ def plot_history(history: History, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def run_epoch(
+    loader: Iterable[Mapping[str, Any]],
+    loss_of: Callable[[Tensor, Tensor], Tensor],
+    device: torch.device,
+    desc: str,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = True,
+) -> float:
+    """One pass over ``loader``; the mean of ``loss_of(images, labels)`` per image.
+
+    With an ``optimizer`` every batch takes a step; without one, no gradients are kept.
+    """
+    total, count = 0.0, 0
+    with torch.set_grad_enabled(optimizer is not None):
+        for data in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            images, labels = _batch(data, device)
+            loss = loss_of(images, labels)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            total += float(loss.detach()) * images.shape[0]
+            count += images.shape[0]
+    if count == 0:
+        raise ValueError(f"{desc}: the data loader yielded no images")
+    return total / count
+
+
 class AutoencoderTrainer:
     """Trains one FPAE on its own class (eq. 3-4) and keeps the best-validation checkpoint."""
 
@@ -197,20 +225,14 @@ class AutoencoderTrainer:
 
     def _epoch(self, loader: Iterable[Mapping[str, Any]], train: bool, desc: str) -> float:
         self.network.train(train)
-        total, count = 0.0, 0
-        with torch.set_grad_enabled(train):
-            for data in tqdm(loader, desc=desc, leave=False, disable=not self.progress):
-                images, _ = _batch(data, self.device)
-                loss, _, _ = autoencoder_loss(self.network, images, self.lam)
-                if train:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
-                total += float(loss.detach()) * images.shape[0]
-                count += images.shape[0]
-        if count == 0:
-            raise ValueError(f"{desc}: the data loader yielded no images")
-        return total / count
+        return run_epoch(
+            loader,
+            lambda images, _: autoencoder_loss(self.network, images, self.lam)[0],
+            self.device,
+            desc,
+            self.optimizer if train else None,
+            self.progress,
+        )
 
     def validate(self) -> float:
         """Mean eq. 3-4 loss over the validation set, in eval mode."""
@@ -283,18 +305,14 @@ class ClassifierTrainer:
 
     def _train_epoch(self, desc: str) -> float:
         self.network.train()
-        total, count = 0.0, 0
-        for data in tqdm(self.train_loader, desc=desc, leave=False, disable=not self.progress):
-            images, labels = _batch(data, self.device)
-            loss = self.loss_fn(self.network(images), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total += float(loss.detach()) * images.shape[0]
-            count += images.shape[0]
-        if count == 0:
-            raise ValueError(f"{desc}: the data loader yielded no images")
-        return total / count
+        return run_epoch(
+            self.train_loader,
+            lambda images, labels: self.loss_fn(self.network(images), labels),
+            self.device,
+            desc,
+            self.optimizer,
+            self.progress,
+        )
 
     def validate(self, desc: str = "validation") -> tuple[float, float, np.ndarray, np.ndarray]:
         """Validation loss, macro sensitivity, labels and probabilities."""
