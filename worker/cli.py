@@ -22,8 +22,8 @@ GPUs gets G processes by default, process i pinned to cuda:(i mod G); without a 
 is used and the cores are shared between the processes (torch threads = cores / concurrency).
 On a host whose cores are also busy with other work, set OMP_WAIT_POLICY=PASSIVE: waiting
 OpenMP threads then sleep instead of spinning.  Measured on 2 cores (docs/benchmarks.md): one
-fast heatmap alone takes 7.2 s with the default and 12.7 s with PASSIVE; two at once take
-29.5 s each with the default and 11.5 s each with PASSIVE.
+heatmap of 60 steps alone takes 7.2 s with the default and 12.7 s with PASSIVE; two at once
+take 29.5 s each with the default and 11.5 s each with PASSIVE.
 
 Delivery: messages are acknowledged only after the task finished (acks_late), so a worker
 killed mid-task gets its study again, from the broker after --visibility-timeout.  A message
@@ -90,8 +90,8 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
         "--heatmap",
         choices=["fast", "full", "off"],
         default=defaults.heatmap,
-        help="attribution map: fast (128 px, 60 steps, default), full (the paper's setting "
-        "at the image size; slow on CPU) or off (no SC)",
+        help="attribution map: fast (25 steps, default), full (the paper's 300 steps, "
+        "slow on CPU) or off (no SC)",
     )
     parser.add_argument(
         "--time-limit",

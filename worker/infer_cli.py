@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
-        "--fast", action="store_true", help="fast heatmap mode (fewer iterations, lower resolution)"
+        "--fast",
+        action="store_true",
+        help="fast heatmap mode (25 optimisation steps instead of 300)",
     )
     mode.add_argument("--no-heatmap", action="store_true", help="no heatmap and no SC")
     parser.add_argument("--png", action="store_true", help="also write the heatmap overlay as PNG")

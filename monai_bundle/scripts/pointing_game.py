@@ -231,7 +231,7 @@ def save_grid(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("Synthetic phantoms - lesion in red, map maximum +", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
