@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument(
         "--fast",
         action="store_true",
-        help="fast heatmap mode (25 optimisation steps instead of 300)",
+        help="fast heatmap mode (40 optimisation steps instead of 300)",
     )
     mode.add_argument("--no-heatmap", action="store_true", help="no heatmap and no SC")
     parser.add_argument("--png", action="store_true", help="also write the heatmap overlay as PNG")
