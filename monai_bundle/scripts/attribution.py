@@ -16,9 +16,9 @@ Two presets, measured with ``bench/heatmap.py`` and ``pointing_game.py`` (figure
 Adam steps, :data:`FAST_CONFIG` 40 larger ones (lr 0.25), 7.5x fewer passes through the
 network.  On 40 phantoms with the demo weights at 128 px the fast maps point into the lesion
 57.5% of the time and the default ones 67.5% (the image centre 0%); 25 steps gave 52.5% and
-35 steps 55%.  Both optimise at the model's input size: a lower working resolution is cheaper per step but feeds the network images
-it was not trained at, and the maps then lose the lesion (at 64 px for the 128 px demo model,
-1 hit in 20).
+35 steps 55%.  Both optimise at the model's input size: a lower working resolution is
+cheaper per step but feeds the network images it was not trained at, and the maps then lose
+the lesion (at 64 px for the 128 px demo model, 1 hit in 20).
 
 Results are deterministic for a fixed ``seed``: all randomness comes from a local
 ``torch.Generator``.
