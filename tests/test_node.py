@@ -179,7 +179,7 @@ def test_real_celery_worker_consumes_the_task(tmp_path: Path, redis: RedisServer
     app = Celery("test-worker", broker=redis.url, set_as_current=False)
     app.conf.task_default_queue = settings.broker.queue
 
-    @app.task(name=TASK_NAME)
+    @app.task(name=TASK_NAME, shared=False)
     def process_study(study_key: str, instance_keys: list[str] | None = None) -> None:
         pending = spool.pending_instances(study_key)
         seen.append((study_key, instance_keys, pending))

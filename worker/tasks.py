@@ -458,6 +458,10 @@ def register_tasks(
     @app.task(
         name=TASK_NAME,
         shared=False,  # bound to this app's runtime: never handed to other Celery apps
+        # Registered now, not when the app is finalised: a "shared" task of the same name that
+        # another Celery app in this process declared would otherwise be installed first and
+        # win (Celery runs the shared-task finalisers before the app's own pending tasks).
+        lazy=False,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
