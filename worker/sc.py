@@ -50,6 +50,7 @@ from monai_bundle.scripts.preprocessing import (
 )
 from worker import device
 from worker.results import AlgorithmInfo, Prediction
+from worker.source import REQUIRED_SOURCE_ATTRIBUTES, TYPE2_COPIED_ATTRIBUTES
 from worker.uids import KIND_SC, KIND_SC_SERIES, derived_uid, series_uid
 
 logger = logging.getLogger(__name__)
@@ -101,23 +102,6 @@ SOURCE_PURPOSE: Final = hd.sr.CodedConcept.from_code(
     codes.DCM.SourceImageForImageProcessingOperation  # 121322
 )
 
-_REQUIRED_SOURCE_ATTRIBUTES: Final = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-)
-_TYPE2_COPIED_ATTRIBUTES: Final = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 _LO_MAX: Final = 64  # PS3.5 6.2, Long String
 _IS_MAX: Final = 2**31  # PS3.5 6.2, Integer String
 _HEATMAP_TOLERANCE = 1e-4
@@ -315,7 +299,7 @@ def build_sc(
         raise ValueError(f"series_description must be 1 to {_LO_MAX} characters (LO)")
     if not isinstance(prediction, Prediction):
         raise TypeError(f"prediction must be a Prediction, not {type(prediction).__name__}")
-    missing = [kw for kw in _REQUIRED_SOURCE_ATTRIBUTES if not source.get(kw)]
+    missing = [kw for kw in REQUIRED_SOURCE_ATTRIBUTES if not source.get(kw)]
     if missing:
         raise ValueError(f"source image lacks required attributes: {', '.join(missing)}")
     reasons = check_chest_radiograph(source)
@@ -386,7 +370,7 @@ def _reference_header(source: Dataset) -> Dataset:
     for element in source:
         if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             header.add(element)
-    for keyword in _TYPE2_COPIED_ATTRIBUTES:
+    for keyword in TYPE2_COPIED_ATTRIBUTES:
         if keyword not in header:
             setattr(header, keyword, None)
     return header

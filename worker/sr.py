@@ -60,6 +60,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from worker import device
 from worker.results import WEIGHTS_SHA256_PARAMETER, AlgorithmInfo, Prediction, Unassessable
+from worker.source import REQUIRED_SOURCE_ATTRIBUTES, TYPE2_COPIED_ATTRIBUTES
 from worker.uids import KIND_SR, KIND_SR_SERIES, KIND_SR_TRACKING, derived_uid, series_uid
 
 logger = logging.getLogger(__name__)
@@ -117,26 +118,6 @@ SEPARATE: Final = "SEPARATE"
 TRACKING_IDENTIFIER: Final = "CoroNet chest radiograph classification"
 INSTANCE_NUMBER: Final = 1
 
-#: Type 1 attributes the source must carry (PS3.3 C.12.1, C.7.2.1, C.7.3.1).
-_REQUIRED_SOURCE_ATTRIBUTES: Final = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-)
-#: Type 2 Patient and Study attributes copied to the SR; absent ones are copied empty
-#: (unknown), as Type 2 allows, never invented (PS3.3 C.7.1.1, C.7.2.1).
-_TYPE2_COPIED_ATTRIBUTES: Final = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 
 #: Suggested Series Description: says what made the series, and that it is not a report.
 DEFAULT_SERIES_DESCRIPTION: Final = "CoroNet AI result - not for diagnostic use"
@@ -252,14 +233,14 @@ def _coding_schemes(outcome: Prediction | Unassessable) -> list[CodingSchemeIden
 
 def _source_header(source: Dataset) -> Dataset:
     """The source's attributes without pixel data, Type 2 Patient/Study attributes present."""
-    missing = [kw for kw in _REQUIRED_SOURCE_ATTRIBUTES if not source.get(kw)]
+    missing = [kw for kw in REQUIRED_SOURCE_ATTRIBUTES if not source.get(kw)]
     if missing:
         raise ValueError(f"source image lacks required attributes: {', '.join(missing)}")
     header = Dataset()
     for element in source:
         if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             header.add(element)
-    for keyword in _TYPE2_COPIED_ATTRIBUTES:
+    for keyword in TYPE2_COPIED_ATTRIBUTES:
         if keyword not in header:
             logger.debug("source has no %s; the SR records it empty", keyword)
             setattr(header, keyword, None)
@@ -267,7 +248,7 @@ def _source_header(source: Dataset) -> Dataset:
 
 
 def _check_heatmap(heatmap_sc: Dataset, source: Dataset) -> None:
-    missing = [kw for kw in _REQUIRED_SOURCE_ATTRIBUTES if not heatmap_sc.get(kw)]
+    missing = [kw for kw in REQUIRED_SOURCE_ATTRIBUTES if not heatmap_sc.get(kw)]
     if missing:
         raise ValueError(f"heatmap SC lacks required attributes: {', '.join(missing)}")
     if heatmap_sc.StudyInstanceUID != source.StudyInstanceUID:
