@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -50,6 +48,14 @@ from typing import IO, Any
 import pydicom
 from pydicom.dataset import FileDataset
 
+from dicom_node.durable import (
+    TMP_SUFFIX,
+    fsync_dir,
+    fsync_file,
+    read_json,
+    temp_path,
+    write_json_atomic,
+)
 from dicom_node.errors import IngestError
 
 logger = logging.getLogger(__name__)
@@ -60,7 +66,6 @@ _KEY = re.compile(rf"^[0-9a-f]{{{KEY_LENGTH}}}$")
 _STUDY_FILE = "study.json"
 _QUEUED = "queued"
 _DONE = "done"
-_TMP_SUFFIX = ".tmp"
 _COPY_CHUNK = 1 << 20
 
 
@@ -107,53 +112,6 @@ class InstanceRecord:
     done: bool
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_path(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=folder)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to a temporary file, fsync it and rename it over ``path``."""
-    tmp = _temp_path(path.parent, path.name)
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            json.dump(data, handle, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        logger.warning("unreadable spool metadata %s: %s", path.name, err)
-        return None
-    return data if isinstance(data, dict) else None
-
-
 class Spool:
     """Durable storage of received instances under one root folder (format in module doc)."""
 
@@ -189,7 +147,7 @@ class Spool:
             tmp = self._receive(source, folder, instance_key, move)
             try:
                 size = tmp.stat().st_size
-                _write_json_atomic(
+                write_json_atomic(
                     folder / f"{instance_key}.json",
                     {
                         "format": FORMAT_VERSION,
@@ -207,7 +165,7 @@ class Spool:
                     return self._duplicate(folder, final, study_key, instance_key, None, False)
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as err:
             raise IngestError(f"cannot write to the spool: {err.strerror or err}") from err
         logger.debug("stored instance %s/%s (%d bytes)", study_key, instance_key, size)
@@ -218,13 +176,13 @@ class Spool:
         if study_file.exists():
             return
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(study_file, {"format": FORMAT_VERSION, "study_uid": study_uid})
-        _fsync_dir(folder)
-        _fsync_dir(folder.parent)
+        write_json_atomic(study_file, {"format": FORMAT_VERSION, "study_uid": study_uid})
+        fsync_dir(folder)
+        fsync_dir(folder.parent)
 
     def _receive(self, source: Path | IO[bytes], folder: Path, name: str, move: bool) -> Path:
         """Bring the data into a fsync'ed temporary file inside ``folder``."""
-        tmp = _temp_path(folder, name)
+        tmp = temp_path(folder, name)
         try:
             if isinstance(source, Path) and move:
                 try:
@@ -234,7 +192,7 @@ class Spool:
                         raise
                     shutil.copyfile(source, tmp)
                     source.unlink(missing_ok=True)
-                _fsync_file(tmp)
+                fsync_file(tmp)
             else:
                 with tmp.open("wb") as out:
                     if isinstance(source, Path):
@@ -280,7 +238,7 @@ class Spool:
             for key in keys:
                 (folder / key).touch()
             if durable:
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except OSError as err:
             raise IngestError(f"cannot record task state in the spool: {err}") from err
 
@@ -288,7 +246,7 @@ class Spool:
         """Delete leftovers of interrupted writes; return how many were removed."""
         removed = 0
         for study_key in self.study_keys():
-            for tmp in (self.root / study_key).glob(f".*{_TMP_SUFFIX}"):
+            for tmp in (self.root / study_key).glob(f".*{TMP_SUFFIX}"):
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -313,7 +271,7 @@ class Spool:
 
     def study_uid(self, study_key: str) -> str:
         """The Study Instance UID of a spooled study."""
-        data = _read_json(self._study_dir(study_key) / _STUDY_FILE)
+        data = read_json(self._study_dir(study_key) / _STUDY_FILE, "spool metadata")
         if data is None or not isinstance(data.get("study_uid"), str):
             raise IngestError(f"study {study_key} has no readable {_STUDY_FILE}")
         return str(data["study_uid"])
@@ -333,7 +291,7 @@ class Spool:
             key = path.stem
             if not _KEY.match(key):
                 continue
-            meta = _read_json(folder / f"{key}.json")
+            meta = read_json(folder / f"{key}.json", "spool metadata")
             if meta is None:
                 # Crash between the link and the folder fsync: keep it and let the worker decide.
                 meta = {

@@ -36,21 +36,20 @@ instance be marked done.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final, Literal
+from typing import IO, Final, Literal
 
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from dicom_node.config import Destination, Settings
+from dicom_node.durable import TMP_SUFFIX, fsync_dir, read_json, replace_json, write_temp
 from dicom_node.errors import DeliveryError, IngestError, PermanentDeliveryError
 from dicom_node.spool import Spool, check_key, key_for
 from worker.delivery import Disposition, SendOutcome, describe_status, send_files
@@ -62,7 +61,6 @@ RESULTS: Final = "results"
 SOURCES: Final = "sources"
 DELIVERED: Final = "delivered"
 DEAD_LETTER: Final = "dead-letter"
-_TMP_SUFFIX: Final = ".tmp"
 _DESTINATION_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 #: Results of one source are sent in this order: the SR references the SC, so the SC goes first.
@@ -87,70 +85,19 @@ def _now_iso() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(folder: Path, name: str, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write to a fsync'ed temporary file in ``folder``; the caller renames or links it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=folder)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Atomically replace ``path`` with ``data`` (temporary file, fsync, rename, fsync dir)."""
-    text = json.dumps(dict(data), sort_keys=True).encode("utf-8")
-
-    def write(handle: IO[bytes]) -> None:
-        handle.write(text)
-
-    tmp = _write_temp(path.parent, path.name, write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _write_first(path: Path, write: Callable[[IO[bytes]], None]) -> bool:
     """Create ``path`` durably unless it exists (the first copy wins); True if written."""
     if path.exists():
         return False
-    tmp = _write_temp(path.parent, path.name, write)
+    tmp = write_temp(path.parent, path.name, write)
     try:
         os.link(tmp, path)
     except FileExistsError:
         return False
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        logger.warning("unreadable outbox record %s: %s", path.name, err)
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def check_destination_name(name: str) -> str:
@@ -260,7 +207,7 @@ class Outbox:
                 processed=time.time(),
                 timings=dict(timings or {}),
             )
-            _write_json(
+            replace_json(
                 self._source_path(study_key, instance_key),
                 {
                     "format": FORMAT_VERSION,
@@ -283,7 +230,7 @@ class Outbox:
         if not meta.exists():
             # Metadata first: a .dcm without .json is never listed, so a crash leaves no
             # half-recorded result behind.
-            _write_json(
+            replace_json(
                 meta,
                 {
                     "format": FORMAT_VERSION,
@@ -303,22 +250,22 @@ class Outbox:
 
     def mark_delivered(self, key: str, destination: str, status: int | None) -> None:
         """Record that ``destination`` stored the result; clears a dead letter."""
-        _write_json(self._delivered_path(key, destination), {"status": status, "at": _now_iso()})
+        replace_json(self._delivered_path(key, destination), {"status": status, "at": _now_iso()})
         dead = self._dead_path(key, destination)
         if dead.exists():
             dead.unlink()
-            _fsync_dir(dead.parent)
+            fsync_dir(dead.parent)
 
     def dead_letter(self, key: str, destination: str, status: int | None, reason: str) -> None:
         """Record that the result will not be sent to ``destination`` again by itself."""
-        _write_json(
+        replace_json(
             self._dead_path(key, destination),
             {"status": status, "reason": reason, "at": _now_iso()},
         )
 
     def dead_letter_source(self, study_key: str, instance_key: str, reason: str) -> None:
         """Record that a source instance could not be analysed."""
-        _write_json(
+        replace_json(
             self._dead_source_path(study_key, instance_key), {"reason": reason, "at": _now_iso()}
         )
 
@@ -326,7 +273,7 @@ class Outbox:
 
     def source(self, study_key: str, instance_key: str) -> SourceRecord | None:
         """The analysis of a source instance, or None if it was not analysed yet."""
-        data = _read_json(self._source_path(study_key, instance_key))
+        data = read_json(self._source_path(study_key, instance_key), "outbox record")
         if data is None:
             return None
         return SourceRecord(
@@ -349,7 +296,7 @@ class Outbox:
         return records
 
     def result(self, key: str) -> ResultRecord | None:
-        data = _read_json(self._result_meta(key))
+        data = read_json(self._result_meta(key), "outbox record")
         if data is None or not self.result_path(key).exists():
             return None
         return ResultRecord(
@@ -385,7 +332,7 @@ class Outbox:
         folder = self.root / DEAD_LETTER / RESULTS / check_destination_name(destination)
         letters = []
         for path in sorted(folder.glob("*.json")):
-            data = _read_json(path) or {}
+            data = read_json(path, "outbox record") or {}
             letters.append(
                 DeadLetter(
                     key=path.stem,
@@ -400,7 +347,7 @@ class Outbox:
     def dead_sources(self) -> list[DeadLetter]:
         letters = []
         for path in sorted((self.root / DEAD_LETTER / SOURCES).glob("*/*.json")):
-            data = _read_json(path) or {}
+            data = read_json(path, "outbox record") or {}
             letters.append(
                 DeadLetter(
                     key=f"{path.parent.name}/{path.stem}",
@@ -420,7 +367,7 @@ class Outbox:
     def remove_temporary(self) -> int:
         """Delete leftovers of interrupted writes; return how many were removed."""
         removed = 0
-        for tmp in self.root.rglob(f".*{_TMP_SUFFIX}"):
+        for tmp in self.root.rglob(f".*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
             removed += 1
         return removed
