@@ -6,8 +6,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := redis-server dcmtk dicom3tools orthanc
-DEB_TOOLS := redis-server storescu echoscu storescp dsr2html dciodvfy Orthanc
+DEB_PACKAGES := redis-server dcmtk dicom3tools orthanc openssl
+DEB_TOOLS := redis-server storescu echoscu storescp dsr2html dciodvfy Orthanc openssl
 CONFIG ?= configs/node.yaml
 PYTEST_ARGS ?=
 RUN_ARGS ?=
@@ -49,6 +49,7 @@ setup: venv system-deps
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: venv
 	$(VENV)/bin/mypy

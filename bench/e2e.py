@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pydicom
 import yaml
+from dicom_node.server import DicomNode
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
@@ -40,8 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from tqdm import tqdm
 
 import monai_bundle
-from dicom_node.config import Settings, settings_from_data
-from dicom_node.server import DicomNode
+from dicom_node.core.settings import Settings, settings_from_data
 from monai_bundle.scripts.phantoms import CLASS_NAMES, make_phantom, write_dicom
 from tests.support.redis_server import RedisServer, free_port
 

@@ -22,19 +22,15 @@ import torch
 from tqdm import tqdm
 
 from bench.common import median, time_interleaved
-from monai_bundle.scripts.attribution import (
-    DEFAULT_CONFIG,
-    FAST_CONFIG,
-    PerturbationConfig,
-    explain,
-)
+from monai_bundle.scripts.attribution import PerturbationConfig, explain, load_presets
+from monai_bundle.scripts.classes import LESION_CLASSES
 from monai_bundle.scripts.networks import CoroNet, load_coronet_weights
 from monai_bundle.scripts.phantoms import make_phantom
 
 logger = logging.getLogger(__name__)
 
-MODES: dict[str, PerturbationConfig] = {"default": DEFAULT_CONFIG, "fast": FAST_CONFIG}
-LABELS = ("pneumonia", "COVID-19")
+MODES: dict[str, PerturbationConfig] = load_presets()
+LABELS = LESION_CLASSES
 DEFAULT_WEIGHTS = Path("monai_bundle/models/model.pt")
 
 

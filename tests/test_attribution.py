@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monai_bundle.scripts.attribution import (
-    DEFAULT_CONFIG,
-    FAST_CONFIG,
     MAX_IMAGE_SIZE,
     Explainer,
     PerturbationConfig,
     blur,
     explain,
+    load_presets,
     total_variation,
 )
 from monai_bundle.scripts.networks import CoroNet, load_coronet_weights
@@ -40,6 +39,8 @@ SPOT = (40, 20)  # row, column of the bright spot's centre
 #: Strong blur, so a 3 x 3 spot really disappears at 64 px.
 SPOT_CONFIG = PerturbationConfig(iterations=40, blur_kernel=31, blur_sigma=12.0)
 WEIGHTS = Path(__file__).resolve().parents[1] / "monai_bundle" / "models" / "model.pt"
+#: The paper's setting: the ``default`` preset and the dataclass defaults.
+PAPER = PerturbationConfig()
 
 
 class SpotDetector(nn.Module):
@@ -104,7 +105,7 @@ def test_whole_coronet_pipeline_gets_a_gradient(coronet: CoroNet) -> None:
     """The mask moves through both FPAEs and the classifier; the caller's model is untouched."""
     coronet.train()
     before = {k: v.clone() for k, v in coronet.state_dict().items()}
-    config = dataclasses.replace(DEFAULT_CONFIG, iterations=3, lr=0.2)
+    config = dataclasses.replace(PAPER, iterations=3, lr=0.2)
     image = torch.rand(1, CORONET_SIZE, CORONET_SIZE, generator=torch.Generator().manual_seed(3))
     result = explain(coronet, image, target=2, config=config)
     assert coronet.training and not coronet.fpae_healthy.training
@@ -122,7 +123,7 @@ def test_whole_coronet_pipeline_gets_a_gradient(coronet: CoroNet) -> None:
 
 
 def test_same_seed_same_heatmap_different_seed_differs(coronet: CoroNet) -> None:
-    config = dataclasses.replace(DEFAULT_CONFIG, iterations=2, noise_std=0.05, lr=0.2)
+    config = dataclasses.replace(PAPER, iterations=2, noise_std=0.05, lr=0.2)
     image = torch.rand(1, CORONET_SIZE, CORONET_SIZE, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(99)  # global state must not matter
     first = explain(coronet, image, target=0, config=config)
@@ -185,7 +186,7 @@ def test_numpy_image_is_accepted() -> None:
 @pytest.mark.parametrize("size", [64, 128, 256])
 def test_blur_preserves_mean_and_smooths(size: int) -> None:
     image = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(size))
-    blurred = blur(image, DEFAULT_CONFIG)
+    blurred = blur(image, PAPER)
     assert blurred.shape == image.shape
     assert abs(float(blurred.mean() - image.mean())) < 0.01
     assert float(blurred.std()) < 0.5 * float(image.std())
@@ -203,12 +204,23 @@ def test_total_variation(mask: Tensor, expected: float) -> None:
     assert float(total_variation(mask, 3.0)[0]) == pytest.approx(expected)
 
 
-def test_fast_config_is_cheaper_than_default() -> None:
-    assert FAST_CONFIG.iterations * 7 <= DEFAULT_CONFIG.iterations
+def test_the_bundle_presets_are_the_papers_method_and_a_cheaper_fast_one() -> None:
+    presets = load_presets()
+    assert set(presets) == {"default", "fast"}
+    default, fast = presets["default"], presets["fast"]
+    assert default == PerturbationConfig()  # the paper's setting
+    assert default.iterations == 300 and default.lr == 0.1 and default.tv_beta == 3.0
+    assert fast.iterations * 7 <= default.iterations
     # Same working resolution: below the model's input size the maps lose the lesion.
-    assert FAST_CONFIG.work_size == DEFAULT_CONFIG.work_size is None
-    assert FAST_CONFIG.mask_size == DEFAULT_CONFIG.mask_size == 28
-    assert DEFAULT_CONFIG.tv_beta == 3.0
+    assert fast.work_size == default.work_size is None
+    assert fast.mask_size == default.mask_size == 28
+
+
+def test_a_preset_with_an_unknown_field_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "inference.json"
+    config.write_text('{"attribution": {"fast": {"iterations": 40, "step": 1}}}')
+    with pytest.raises(ValueError, match="unknown fields"):
+        load_presets(config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +287,7 @@ def test_explain_rejects_bad_targets(target: object) -> None:
 )
 def test_config_rejects_bad_values(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
-        dataclasses.replace(DEFAULT_CONFIG, **{field: value})
+        dataclasses.replace(PAPER, **{field: value})
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicom_node.cli import EXIT_OK, EXIT_USAGE, build_parser, main
+from dicom_node.cli import build_parser, main
+from dicom_node.cli.common import EXIT_OK, EXIT_USAGE
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "node.yaml"
 

@@ -20,12 +20,9 @@ import pytest
 import yaml
 
 from dicom_node.cli import build_parser
-from dicom_node.config import Settings, load_settings
-from tests.node_fixtures import redis_fixture, redis_server_fixture
+from dicom_node.core.settings import Settings, load_settings
+from dicom_node.stack.plan import ORTHANC_MODALITY
 from tests.support.redis_server import RedisServer
-from worker.supervisor import ORTHANC_MODALITY
-
-__all__ = ["redis_fixture", "redis_server_fixture"]
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 import yaml
 
-from dicom_node.config import (
+from dicom_node.core.errors import ConfigError
+from dicom_node.core.settings import (
     Settings,
     load_settings,
     parse_override,
     settings_from_data,
     validate_ae_title,
 )
-from dicom_node.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "node.yaml"
 

@@ -7,7 +7,7 @@ from typing import IO
 
 import pytest
 
-from dicom_node.durable import TMP_SUFFIX, read_json, replace_json, write_temp
+from dicom_node.core.durable import TMP_SUFFIX, read_json, replace_json, write_temp
 
 
 def test_replace_json_round_trip_leaves_no_temporary(tmp_path: Path) -> None:

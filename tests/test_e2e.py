@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,62 +21,24 @@ from pydicom.uid import generate_uid
 
 import monai_bundle
 from dicom_node.cli import main
-from dicom_node.config import settings_from_data
-from dicom_node.spool import Spool
-from tests.node_fixtures import CR_IMAGE_STORAGE, RG1_UNCR, make_instance, wait_until
-from tests.support.dicom_tools import dciodvfy, require_tools, storescu
+from dicom_node.core.settings import settings_from_data
+from dicom_node.core.spool import Spool
+from dicom_node.stack.plan import effective_data
+from tests.support.dicom_data import CR_IMAGE_STORAGE, RG1_UNCR, make_instance
+from tests.support.dicom_tools import dciodvfy, storescu
 from tests.support.orthanc import OrthancServer
-from tests.support.redis_server import free_port
-from tests.worker_fixtures import phantom_source, running_scp
-from worker.sr import read_sr
-from worker.supervisor import effective_data
+from tests.support.polling import wait_until
+from tests.support.ports import free_port
+from tests.support.processes import ChildProcess
+from tests.support.results import phantom_source
+from tests.support.scp import running_scp
+from worker.results.sr import read_sr
 
 pytestmark = pytest.mark.integration
 
 BUNDLE = Path(monai_bundle.__file__).resolve().parent
 RESULTS_TIMEOUT_S = 240.0
 PROBABILITY_TOLERANCE = 1e-5
-
-
-class RunProcess:
-    """``coronet run`` in its own process group, its output read on a thread."""
-
-    def __init__(self, argv: list[str], cwd: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CORONET_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", *argv],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.output.append(line)
-
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def interrupt(self, timeout: float = 120.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-        code = self.process.wait(timeout)
-        self._reader.join(timeout=10)
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(30)
 
 
 def _config(tmp_path: Path) -> Path:
@@ -133,15 +90,12 @@ def _results_in_study(pacs: OrthancServer, study_uid: str) -> dict[str, str] | N
 
 
 def test_pacs_to_node_to_worker_and_back(tmp_path: Path) -> None:
-    missing = require_tools("storescu", "dciodvfy", "Orthanc", "redis-server")
-    if missing:
-        pytest.skip(missing)
     if not (BUNDLE / "models" / "model.pt").is_file():
         pytest.fail("the bundle's demo weights (monai_bundle/models/model.pt) are missing")
     config = _config(tmp_path)
     var_dir = tmp_path / "var"
     inputs = _inputs(tmp_path / "in")
-    run = RunProcess(
+    run = ChildProcess.coronet(
         [
             *("run", "--config", str(config), "--var-dir", str(var_dir)),
             *("--heatmap", "fast", "--threads", "1"),
@@ -149,13 +103,7 @@ def test_pacs_to_node_to_worker_and_back(tmp_path: Path) -> None:
         cwd=Path.cwd(),
     )
     try:
-        wait_until(
-            lambda: "CoroNet is running" in run.text() or run.process.poll() is not None,
-            240,
-            "coronet run to be ready",
-            interval=0.2,
-        )
-        assert run.process.poll() is None, run.text()
+        run.wait_for(lambda out: "CoroNet is running" in out, "coronet run to be ready", 240)
         state = json.loads((var_dir / "run" / "state.json").read_text())
         orthanc = state["orthanc"]
         assert orthanc["web"].startswith("http://127.0.0.1:")
@@ -184,8 +132,7 @@ def test_pacs_to_node_to_worker_and_back(tmp_path: Path) -> None:
         assert sum(len(spool.instances(k)) for k in spool.study_keys()) == len(inputs)
         assert spool.pending_studies() == []
     finally:
-        code = run.interrupt() if run.process.poll() is None else run.process.returncode
-        run.kill()
+        code = run.stop(timeout=120, sig=signal.SIGINT)
     output = run.text()
     assert code == 0, output
     stops = [line.split()[1] for line in output.splitlines() if line.startswith("stopped ")]

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.cli import main
 from tests.support.dicom_tools import dciodvfy
-from worker.sr import read_sr
+from worker.results.sr import read_sr
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "node.yaml"
 

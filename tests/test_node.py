@@ -20,42 +20,42 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom import _config
 from pynetdicom.dsutils import split_dataset
 
-from dicom_node import statuses
 from dicom_node.cli import main as cli_main
-from dicom_node.config import Settings
-from dicom_node.queueing import TASK_NAME, CeleryQueue, StudyQueue
-from dicom_node.server import DicomNode
-from dicom_node.spool import Spool, key_for
-from tests.node_fixtures import (
+from dicom_node.core import statuses
+from dicom_node.core.settings import Settings
+from dicom_node.core.spool import Spool, key_for
+from dicom_node.scp.node import DicomNode
+from dicom_node.scp.queueing import TASK_NAME, CeleryQueue, StudyQueue
+from tests.support.certificates import Certificate
+from tests.support.dicom_data import (
     CR_IMAGE_STORAGE,
     CT_IMAGE_STORAGE,
     CT_SMALL,
     DX_PRESENTATION_STORAGE,
     EXPLICIT_LE,
     IMPLICIT_LE,
-    NODE_AET,
     RG1_J2KR,
     RG1_UNCR,
     VERIFICATION,
+    make_instance,
+    same_content,
+)
+from tests.support.dicom_tools import dciodvfy, storescu
+from tests.support.node import (
     QueuedTask,
     associate,
-    make_instance,
-    node_data,
     node_process,
-    node_settings,
     queued_tasks,
-    redis_fixture,  # noqa: F401  (the "redis" fixture)
-    redis_server_fixture,  # noqa: F401  (the "redis_server" fixture)
     run_storescu,
     running_node,
-    same_content,
     scu,
-    wait_until,
-    write_config,
 )
-from tests.support.dicom_tools import dciodvfy, require_tools, storescu
 from tests.support.orthanc import Modality, running_orthanc
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.polling import wait_until
+from tests.support.ports import free_port
+from tests.support.processes import ChildProcess
+from tests.support.redis_server import RedisServer
+from tests.support.settings import NODE_AET, node_data, node_settings, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,6 @@ def _tasks_for(redis: RedisServer, study_uid: str) -> list[QueuedTask]:
 # --------------------------------------------------------------------------- verification
 
 
-@pytest.mark.skipif(bool(require_tools("echoscu")), reason=str(require_tools("echoscu")))
 @pytest.mark.parametrize(
     ("calling", "ok", "message"),
     [
@@ -89,7 +88,7 @@ def _tasks_for(redis: RedisServer, study_uid: str) -> list[QueuedTask]:
         ("STRANGER", False, "Calling AE Title Not Recognized"),
     ],
 )
-def test_dcmtk_echoscu(
+def test_dcmtk_echoscu_gets_a_verification_answer(
     tmp_path: Path, redis: RedisServer, calling: str, ok: bool, message: str
 ) -> None:
     settings = node_settings(tmp_path, redis.url)
@@ -134,7 +133,6 @@ def test_node_echo_command(
 # --------------------------------------------------------------------------- storage
 
 
-@pytest.mark.skipif(bool(require_tools("storescu")), reason=str(require_tools("storescu")))
 @pytest.mark.parametrize("mode", ["study", "instance"])
 def test_dcmtk_storescu_stores_and_queues(tmp_path: Path, redis: RedisServer, mode: str) -> None:
     settings = node_settings(tmp_path, redis.url, grouping={"mode": mode, "quiet_seconds": 0.2})
@@ -199,8 +197,6 @@ def test_real_celery_worker_consumes_the_task(tmp_path: Path, redis: RedisServer
 
 
 def test_orthanc_sends_through_its_modality_entry(tmp_path: Path, redis: RedisServer) -> None:
-    if require_tools("storescu"):
-        pytest.skip(str(require_tools("storescu")))
     settings = node_settings(tmp_path, redis.url)
     source = tmp_path / "in" / "orthanc.dcm"
     ds = make_instance(RG1_UNCR, source)
@@ -441,7 +437,7 @@ def test_undecodable_data_answers_c210(
     ],
     ids=["allowed", "allowed-host-name", "unknown-caller", "wrong-called", "wrong-host", "none"],
 )
-def test_association_rejections(
+def test_unknown_callers_and_wrong_called_titles_are_rejected(
     tmp_path: Path,
     redis: RedisServer,
     calling: str,
@@ -467,7 +463,6 @@ def test_association_rejections(
         )
 
 
-@pytest.mark.skipif(bool(require_tools("storescu")), reason=str(require_tools("storescu")))
 @pytest.mark.parametrize(
     ("calling", "called", "message"),
     [
@@ -601,34 +596,14 @@ def test_broker_outage_does_not_affect_storage(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- TLS
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if require_tools("openssl"):
-        pytest.skip(str(require_tools("openssl")))
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=localhost"),
-            *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
-            *("-keyout", str(key), "-out", str(cert)),
-            *("-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 @pytest.mark.parametrize("require_client_cert", [False, True])
-def test_tls(
+def test_tls_listener_requires_a_client_certificate_when_configured(
     tmp_path: Path,
     redis: RedisServer,
-    certificate: tuple[Path, Path],
+    certificate: Certificate,
     require_client_cert: bool,
 ) -> None:
-    cert, key = certificate
+    cert, key = certificate.cert, certificate.key
     tls = {"cert_file": str(cert), "key_file": str(key), "ca_file": str(cert)}
     tls["require_client_cert"] = require_client_cert  # type: ignore[assignment]
     settings = node_settings(tmp_path, redis.url, node={"tls": tls})
@@ -657,12 +632,11 @@ def test_tls(
 # --------------------------------------------------------------------------- the serve command
 
 
-def _storescu_acknowledged(process: subprocess.Popen[str], on_ack: Any) -> list[Path]:
+def _storescu_acknowledged(process: ChildProcess, on_ack: Any) -> list[Path]:
     """Follow ``storescu -v`` output; return the files it saw acknowledged with Success."""
     acknowledged: list[Path] = []
     current: Path | None = None
-    assert process.stdout is not None
-    for line in process.stdout:
+    for line in process.follow():
         if "Sending file:" in line:
             current = Path(line.split("Sending file:", 1)[1].strip())
         elif "Received Store Response (Success)" in line and current is not None:
@@ -671,7 +645,6 @@ def _storescu_acknowledged(process: subprocess.Popen[str], on_ack: Any) -> list[
     return acknowledged
 
 
-@pytest.mark.skipif(bool(require_tools("storescu")), reason=str(require_tools("storescu")))
 def test_kill_9_during_a_send_loses_nothing_acknowledged(
     tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -687,18 +660,15 @@ def test_kill_9_during_a_send_loses_nothing_acknowledged(
 
         def kill_after_three(count: int) -> None:
             if count == 3 and not killed.is_set():
-                node.kill()
+                node.kill_group()
                 killed.set()
 
-        sender = subprocess.Popen(
+        with ChildProcess(
             ["storescu", "-v", "-aet", "STORESCU", "-aec", NODE_AET, "127.0.0.1", port]
-            + [str(p) for p in files],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        acknowledged = _storescu_acknowledged(sender, kill_after_three)
-        sender.wait(timeout=60)
+            + [str(p) for p in files]
+        ) as sender:
+            acknowledged = _storescu_acknowledged(sender, kill_after_three)
+            sender.wait(timeout=60)
         assert killed.is_set(), "storescu finished before the node was killed"
     assert 3 <= len(acknowledged) < len(files)
     assert queued_tasks(redis) == []  # quiet period of 30 s: nothing was queued before the kill

@@ -11,16 +11,18 @@ import pytest
 import yaml
 from pydicom.dataset import Dataset
 
-from dicom_node import statuses
 from dicom_node.cli import main
-from dicom_node.config import Destination, Timeouts
-from dicom_node.errors import DeliveryError, PermanentDeliveryError
-from dicom_node.spool import Spool, key_for
-from tests.support.dicom_tools import dciodvfy, require_tools
-from tests.support.redis_server import free_port
-from tests.worker_fixtures import phantom_source, results_for, running_scp
+from dicom_node.core import statuses
+from dicom_node.core.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
+from dicom_node.core.settings import Destination, Timeouts
+from dicom_node.core.spool import Spool, key_for
+from tests.support.dicom_tools import dciodvfy
+from tests.support.ports import free_port
+from tests.support.results import phantom_source, results_for
+from tests.support.scp import running_scp
 from worker.delivery import Disposition, SendOutcome, send_files
-from worker.outbox import Outbox, deliver, give_up, order_for_sending, settle
+from worker.outbox import Outbox
+from worker.rounds import deliver, give_up, order_for_sending, settle
 
 STUDY = "a" * 32
 INSTANCE = "b" * 32
@@ -37,7 +39,7 @@ def _destination(name: str = "pacs", port: int = 104) -> Destination:
     return Destination(name=name, ae_title="PACS", host="127.0.0.1", port=port)
 
 
-class Sender:
+class ScriptedSend:
     """A stand-in for send_files that answers per destination, recording what it was given."""
 
     def __init__(self, answers: dict[str, list[Disposition] | Exception]) -> None:
@@ -72,7 +74,6 @@ def test_layout_is_hashed_and_durable(tmp_path: Path, results: list[Dataset]) ->
     assert [r.kind for r in outbox.results()] == ["sc", "sr"]
 
 
-@pytest.mark.skipif(bool(require_tools("dciodvfy")), reason=str(require_tools("dciodvfy")))
 def test_stored_results_pass_dciodvfy(tmp_path: Path, results: list[Dataset]) -> None:
     outbox = Outbox(tmp_path / "out")
     record = outbox.put(STUDY, INSTANCE, results, outcome="prediction")
@@ -107,10 +108,10 @@ def test_first_copy_wins(tmp_path: Path, results: list[Dataset]) -> None:
             {"a": ["pending", "delivered"]},
             ["a"],
         ),
-        ({"a": DeliveryError("refused")}, {"a": ["pending", "pending"]}, ["a"]),
+        ({"a": TransientDeliveryError("refused")}, {"a": ["pending", "pending"]}, ["a"]),
         ({"a": PermanentDeliveryError("rejected")}, {"a": ["dead", "dead"]}, []),
         (
-            {"a": [Disposition.DELIVERED] * 2, "b": DeliveryError("down")},
+            {"a": [Disposition.DELIVERED] * 2, "b": TransientDeliveryError("down")},
             {"a": ["delivered", "delivered"], "b": ["pending", "pending"]},
             ["b"],
         ),
@@ -126,14 +127,14 @@ def test_delivery_round_records_state_per_destination(
     outbox = Outbox(tmp_path / "out")
     record = outbox.put(STUDY, INSTANCE, results, outcome="prediction")
     destinations = [_destination(name) for name in answers]
-    send = Sender(answers)
+    send = ScriptedSend(answers)
     round_ = deliver(outbox, destinations, record.results, send)
     for name, expected in states.items():
         assert [outbox.state(k, name) for k in record.results] == expected
     assert sorted(round_.waiting) == waiting
     assert outbox.is_settled(record, destinations) is (not waiting)
     # Idempotent: a second round sends only what is still pending.
-    again = Sender({name: [Disposition.DELIVERED] * 2 for name in answers})
+    again = ScriptedSend({name: [Disposition.DELIVERED] * 2 for name in answers})
     deliver(outbox, destinations, record.results, again)
     for name, expected in states.items():
         sent = [keys for dest, keys in again.calls if dest == name]
@@ -158,7 +159,9 @@ def test_give_up_dead_letters_what_waits_and_settles(
     outbox = Outbox(tmp_path / "out")
     record = outbox.put(stored.study_key, stored.instance_key, results, outcome="prediction")
     destinations = [_destination()]
-    round_ = deliver(outbox, destinations, record.results, Sender({"pacs": DeliveryError("x")}))
+    round_ = deliver(
+        outbox, destinations, record.results, ScriptedSend({"pacs": TransientDeliveryError("x")})
+    )
     assert settle(outbox, spool, destinations, [record]) == []
     assert spool.pending_instances(stored.study_key) == [stored.instance_key]
     assert give_up(outbox, round_, "tried enough") == 2
@@ -169,7 +172,7 @@ def test_give_up_dead_letters_what_waits_and_settles(
 
 @pytest.mark.parametrize("name", [".", ".."])
 def test_destination_names_cannot_escape_the_outbox(tmp_path: Path, name: str) -> None:
-    with pytest.raises(DeliveryError, match="cannot name"):
+    with pytest.raises(ConfigError, match="cannot name"):
         Outbox(tmp_path).state(INSTANCE, name)
 
 

@@ -15,26 +15,27 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
+from dicom_node.core.errors import ResultError
+from dicom_node.core.settings import ResultSettings
 from monai_bundle.scripts.phantoms import make_phantom, phantom_dataset
 from monai_bundle.scripts.preprocessing import InvalidImageError
-from tests.support.dicom_tools import dciodvfy, require_tools, storescu
+from tests.support.dicom_tools import dciodvfy, storescu
 from tests.support.orthanc import running_orthanc
-from worker import device
-from worker.results import AlgorithmInfo, Prediction
-from worker.sc import (
+from worker.results import equipment
+from worker.results.outcome import AlgorithmInfo, Prediction
+from worker.results.render import (
     AI_NOTICE,
-    DEFAULT_SERIES_DESCRIPTION,
     MAX_LONG_SIDE,
     MIN_LONG_SIDE,
-    build_sc,
     output_shape,
     render_overlay,
     save_png,
 )
-from worker.sr import build_sr, read_sr
-from worker.uids import KIND_SC, KIND_SC_SERIES, derived_uid, series_uid
+from worker.results.sc import build_sc
+from worker.results.sr import build_sr, read_sr
+from worker.results.uids import KIND_SC, KIND_SC_SERIES, derived_uid, series_uid
 
 CLASS_NAMES = ("normal", "pneumonia", "COVID-19")
 MODEL_VERSION = "0.1.0+demo-phantom"
@@ -49,7 +50,6 @@ PREDICTION = Prediction(
 _rg1_path = get_testdata_file("RG1_UNCR.dcm")
 assert isinstance(_rg1_path, str), "pydicom-data lacks RG1_UNCR.dcm"
 RG1 = Path(_rg1_path)
-DCIODVFY_MISSING = require_tools("dciodvfy")
 
 
 def _heatmap(rows: int = 200, cols: int = 160) -> np.ndarray:
@@ -105,7 +105,6 @@ def built(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(DCIODVFY_MISSING is not None, reason=str(DCIODVFY_MISSING))
 def test_sc_passes_dciodvfy(built: tuple[Dataset, Dataset, Path]) -> None:
     _, _, path = built
     report = dciodvfy(path)
@@ -138,10 +137,10 @@ def test_sc_passes_dciodvfy(built: tuple[Dataset, Dataset, Path]) -> None:
         ("SamplesPerPixel", lambda src: 3),
         ("PlanarConfiguration", lambda src: 0),
         ("BitsAllocated", lambda src: 8),
-        ("Manufacturer", lambda src: device.MANUFACTURER),
-        ("ManufacturerModelName", lambda src: device.MANUFACTURER_MODEL_NAME),
-        ("SoftwareVersions", lambda src: list(device.software_versions(MODEL_VERSION))),
-        ("SecondaryCaptureDeviceManufacturer", lambda src: device.MANUFACTURER),
+        ("Manufacturer", lambda src: equipment.MANUFACTURER),
+        ("ManufacturerModelName", lambda src: equipment.MANUFACTURER_MODEL_NAME),
+        ("SoftwareVersions", lambda src: list(equipment.software_versions(MODEL_VERSION))),
+        ("SecondaryCaptureDeviceManufacturer", lambda src: equipment.MANUFACTURER),
         ("PatientOrientation", lambda src: src.get("PatientOrientation") or ""),
     ],
 )
@@ -174,7 +173,7 @@ def test_sc_names_this_software_as_contributing_equipment(
     ours = [
         item
         for item in sc.ContributingEquipmentSequence
-        if item.Manufacturer == device.MANUFACTURER
+        if item.Manufacturer == equipment.MANUFACTURER
     ]
     assert len(ours) == 1
     purpose = ours[0].PurposeOfReferenceCodeSequence[0]
@@ -254,7 +253,7 @@ def test_overlay_colours_the_salient_region_and_leaves_the_rest_gray(tmp_path: P
 
 def test_notice_is_a_constant_of_the_module() -> None:
     assert "not for diagnostic use" in AI_NOTICE
-    assert "not for diagnostic use" in DEFAULT_SERIES_DESCRIPTION
+    assert "not for diagnostic use" in ResultSettings().sc_series_description
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,20 +291,6 @@ def _no_pixels() -> Dataset:
     return ds
 
 
-def _ct_source() -> Dataset:
-    ds = _phantom_dx()
-    ds.Modality = "CT"
-    ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
-    ds.BodyPartExamined = "HEAD"
-    return ds
-
-
-def _lateral() -> Dataset:
-    ds = _phantom_dx()
-    ds.ViewPosition = "LL"
-    return ds
-
-
 def _no_study() -> Dataset:
     ds = _phantom_dx()
     del ds.StudyInstanceUID
@@ -319,46 +304,45 @@ def _constant() -> Dataset:
 
 
 @pytest.mark.parametrize(
-    ("make_source", "error", "message"),
+    ("make_source", "message"),
     [
-        (_rgb_source, InvalidImageError, "not grayscale"),
-        (_tiny_source, InvalidImageError, "absurd size"),
-        (_huge_source, InvalidImageError, "absurd size"),
-        (_no_pixels, InvalidImageError, "no pixel data"),
-        (_ct_source, InvalidImageError, "Modality is 'CT'"),
-        (_lateral, InvalidImageError, "frontal view"),
-        (_constant, InvalidImageError, "constant image"),
-        (_no_study, ValueError, "StudyInstanceUID"),
+        (_rgb_source, "not grayscale"),
+        (_tiny_source, "absurd size"),
+        (_huge_source, "absurd size"),
+        (_no_pixels, "no pixel data"),
+        (_constant, "constant image"),
+        (_no_study, "StudyInstanceUID"),
     ],
 )
-def test_build_sc_rejects_unsuitable_sources(
-    make_source: Callable[[], Dataset], error: type[Exception], message: str
+def test_build_sc_refuses_a_source_it_cannot_render_with_the_reason(
+    make_source: Callable[[], Dataset], message: str
 ) -> None:
-    with pytest.raises(error, match=message):
+    with pytest.raises(ResultError, match=message):
         _build(make_source())
 
 
-def test_undecodable_source_raises_invalid_image_error() -> None:
+def test_an_undecodable_source_is_a_result_error_naming_the_cause() -> None:
     ds = _phantom_dx()
     ds.PixelData = ds.PixelData[:100]  # truncated
-    with pytest.raises(InvalidImageError):
+    with pytest.raises(ResultError, match="cannot render the source image") as caught:
         _build(ds)
+    assert isinstance(caught.value.__cause__, InvalidImageError)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"heatmap": np.full((8, 8), np.nan, dtype=np.float32)}, ValueError, "NaN"),
-        ({"heatmap": np.full((8, 8), 1.5, dtype=np.float32)}, ValueError, r"\[0, 1\]"),
-        ({"heatmap": np.zeros((8, 8, 3), dtype=np.float32)}, ValueError, "2-D"),
-        ({"heatmap": np.zeros((8, 8), dtype=np.uint8)}, ValueError, "floating"),
-        ({"heatmap": [[0.0]]}, TypeError, "numpy"),
-        ({"source_image": np.zeros((1,), dtype=np.float32)}, ValueError, "2-D"),
-        ({"series_number": -1}, ValueError, "series_number"),
-        ({"series_number": True}, ValueError, "series_number"),
-        ({"series_description": ""}, ValueError, "series_description"),
-        ({"series_description": "x" * 65}, ValueError, "series_description"),
-        ({"prediction": {"COVID-19": 1.0}}, TypeError, "Prediction"),
+        ({"heatmap": np.full((8, 8), np.nan, dtype=np.float32)}, ResultError, "NaN"),
+        ({"heatmap": np.full((8, 8), 1.5, dtype=np.float32)}, ResultError, r"\[0, 1\]"),
+        ({"heatmap": np.zeros((8, 8, 3), dtype=np.float32)}, ResultError, "2-D"),
+        ({"heatmap": np.zeros((8, 8), dtype=np.uint8)}, ResultError, "floating"),
+        ({"heatmap": [[0.0]]}, ResultError, "numpy"),
+        ({"source_image": np.zeros((1,), dtype=np.float32)}, ResultError, "2-D"),
+        ({"series_number": -1}, ResultError, "series_number"),
+        ({"series_number": True}, ResultError, "series_number"),
+        ({"series_description": ""}, ResultError, "series_description"),
+        ({"series_description": "x" * 65}, ResultError, "series_description"),
+        ({"prediction": {"COVID-19": 1.0}}, ResultError, "Prediction"),
     ],
 )
 def test_build_sc_rejects_bad_arguments(

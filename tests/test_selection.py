@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.config import SelectionRules
-from dicom_node.selection import select
+from dicom_node.core.settings import SelectionRules
+from dicom_node.scp.selection import select
 
 
 def _header(**attributes: Any) -> Dataset:
@@ -38,6 +38,7 @@ DX_ONLY = SelectionRules(modalities=["dx"])
             "",
         ),
         (DEFAULT, {"Modality": "CR", "BodyPartExamined": None, "ViewPosition": None}, True, ""),
+        (DEFAULT, {"Modality": "DX", "BodyPartExamined": "THORAX"}, True, ""),
         (DEFAULT, {"Modality": "CR", "BodyPartExamined": "", "ViewPosition": ""}, True, ""),
         (DEFAULT, {"Modality": "CT", "BodyPartExamined": "CHEST"}, False, "modality CT"),
         (DEFAULT, {"Modality": None, "BodyPartExamined": "CHEST"}, False, "modality missing"),
@@ -53,7 +54,7 @@ DX_ONLY = SelectionRules(modalities=["dx"])
             DEFAULT,
             {"Modality": "MR", "BodyPartExamined": "HEAD", "ViewPosition": "LL"},
             False,
-            "modality MR not in CR/DX; body part HEAD not in CHEST; view position LL",
+            "modality MR not in CR/DX; body part HEAD not in CHEST/THORAX/LUNG; view position LL",
         ),
     ],
 )

@@ -12,9 +12,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.errors import IngestError
-from dicom_node.spool import KEY_LENGTH, Spool, check_key, key_for
-from tests.node_fixtures import RG1_UNCR
+from dicom_node.core.errors import IngestError
+from dicom_node.core.spool import KEY_LENGTH, Spool, check_key, key_for
+from tests.support.dicom_data import RG1_UNCR
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SOP_A = "1.2.826.0.1.3680043.8.498.1.1"

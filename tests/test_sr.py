@@ -17,18 +17,33 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
+from dicom_node.core.errors import ResultError
+from dicom_node.core.settings import ResultSettings
+from monai_bundle.scripts.classes import CLASSES
 from monai_bundle.scripts.phantoms import Modality, make_phantom, phantom_dataset
 from tests.support.dicom_tools import dciodvfy, dsr2html, html_to_text, storescu
 from tests.support.orthanc import running_orthanc
-from worker import device
-from worker.results import AlgorithmInfo, Prediction, Unassessable
-from worker.sr import AI_NOTICE, CLASS_FINDINGS, DEFAULT_SERIES_DESCRIPTION, build_sr, read_sr
-from worker.uids import KIND_SC, KIND_SC_SERIES, KIND_SR, KIND_SR_SERIES, derived_uid, series_uid
+from worker.results import equipment
+from worker.results.outcome import AlgorithmInfo, Prediction, Unassessable
+from worker.results.sr import (
+    AI_NOTICE,
+    build_sr,
+    read_sr,
+)
+from worker.results.uids import (
+    KIND_SC,
+    KIND_SC_SERIES,
+    KIND_SR,
+    KIND_SR_SERIES,
+    derived_uid,
+    series_uid,
+)
 
 CLASS_NAMES = ("normal", "pneumonia", "COVID-19")
 MODEL_VERSION = "0.1.0+demo-phantom"
 SERIES_NUMBER = 901
-SERIES_DESCRIPTION = DEFAULT_SERIES_DESCRIPTION
+SERIES_DESCRIPTION = ResultSettings().sr_series_description
+MEANINGS = {c.name: c.meaning for c in CLASSES}
 ALGORITHM = AlgorithmInfo(
     name="CoroNet",
     version=MODEL_VERSION,
@@ -81,7 +96,7 @@ def _sc_from(source: Dataset, pixels: np.ndarray) -> Dataset:
         series_number=902,
         sop_instance_uid=derived_uid(source.SOPInstanceUID, MODEL_VERSION, KIND_SC),
         instance_number=1,
-        manufacturer=device.MANUFACTURER,
+        manufacturer=equipment.MANUFACTURER,
         patient_orientation=("L", "F"),
     )
 
@@ -111,7 +126,7 @@ _GOOD_PROBS = {"normal": 0.1, "pneumonia": 0.2, "COVID-19": 0.7}
 def test_prediction_rejects_bad_model_output(
     class_names: tuple[str, ...], probabilities: dict[str, float], predicted: str, message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ResultError, match=message):
         Prediction(class_names, probabilities, predicted)
 
 
@@ -148,7 +163,7 @@ def test_prediction_accepts_valid_output_and_is_read_only(
     ],
 )
 def test_algorithm_info_rejects_bad_values(changes: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ResultError, match=message):
         dataclasses.replace(ALGORITHM, **changes)  # type: ignore[arg-type]
 
 
@@ -162,7 +177,7 @@ def test_algorithm_parameters_put_weights_digest_first() -> None:
 
 @pytest.mark.parametrize("reasons", [(), ("",), ("ok", "  "), "not frontal"])
 def test_unassessable_needs_reasons(reasons: tuple[str, ...]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ResultError):
         Unassessable(reasons)
 
 
@@ -197,7 +212,7 @@ def test_derived_uid_is_repeatable_and_distinct(other: tuple[str, str, str], sam
     [("not a uid", MODEL_VERSION, KIND_SR), (_SOURCE_UID, " ", KIND_SR), (_SOURCE_UID, "1", "")],
 )
 def test_derived_uid_rejects_bad_input(source: str, version: str, kind: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ResultError):
         derived_uid(source, version, kind)
 
 
@@ -300,7 +315,7 @@ def test_sr_is_valid_renders_and_round_trips(
     assert AI_NOTICE in text
     if isinstance(outcome, Prediction):
         for name in CLASS_NAMES:
-            assert CLASS_FINDINGS[name].meaning in text
+            assert MEANINGS[name] in text
     else:
         assert "Not Evaluated" in text
         assert all(reason in text for reason in outcome.reasons)
@@ -335,9 +350,9 @@ def _check_header(sr: Dataset, source: Dataset) -> None:
     assert sr.SeriesDescription == SERIES_DESCRIPTION
     assert sr.CompletionFlag == "COMPLETE"
     assert sr.VerificationFlag == "UNVERIFIED"
-    assert sr.Manufacturer == device.MANUFACTURER
-    assert sr.ManufacturerModelName == device.MANUFACTURER_MODEL_NAME
-    assert list(sr.SoftwareVersions) == list(device.software_versions(MODEL_VERSION))
+    assert sr.Manufacturer == equipment.MANUFACTURER
+    assert sr.ManufacturerModelName == equipment.MANUFACTURER_MODEL_NAME
+    assert list(sr.SoftwareVersions) == list(equipment.software_versions(MODEL_VERSION))
     purposes = [
         (code.CodeValue, code.CodingSchemeDesignator)
         for item in sr.ContributingEquipmentSequence
@@ -403,12 +418,12 @@ def test_build_sr_rejects_bad_input(
         "series_description": SERIES_DESCRIPTION,
         **kwargs,
     }
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ResultError, match=message):
         build_sr(make_source(), outcome, ALGORITHM, **arguments)  # type: ignore[arg-type]
 
 
 def test_read_sr_rejects_a_non_sr() -> None:
-    with pytest.raises(ValueError, match="not a Comprehensive 3D SR"):
+    with pytest.raises(ResultError, match="not a Comprehensive 3D SR"):
         read_sr(_rg1())
 
 

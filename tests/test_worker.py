@@ -8,14 +8,8 @@ worker-process tests run the real engine with the bundle's demo weights.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import random
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,26 +23,25 @@ from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, 
 
 import monai_bundle
 from dicom_node.cli import build_parser, main
-from dicom_node.config import Settings, settings_from_data
-from dicom_node.errors import ConfigError, InferenceError
-from dicom_node.queueing import TASK_NAME, CeleryQueue
-from dicom_node.spool import Spool, StoredInstance
-from tests.node_fixtures import (
-    RG1_UNCR,
-    make_instance,
-    redis_fixture,
-    redis_server_fixture,
-    wait_until,
-)
-from tests.support.redis_server import RedisServer, free_port
-from tests.worker_fixtures import RecordingSCP, StandInModel, phantom_source
-from worker.celery_app import WorkerOptions, make_app, resolve_device, runtime_of
-from worker.cli import check_bundle, worker_options
+from dicom_node.cli.worker_cmd import check_bundle, worker_options
+from dicom_node.core.backoff import backoff_delay
+from dicom_node.core.errors import ConfigError, InferenceError
+from dicom_node.core.settings import Settings, settings_from_data
+from dicom_node.core.spool import Spool, StoredInstance
+from dicom_node.scp.queueing import TASK_NAME, CeleryQueue
+from tests.support.dicom_data import RG1_UNCR, make_instance
+from tests.support.polling import wait_until
+from tests.support.ports import free_port
+from tests.support.processes import ChildProcess
+from tests.support.redis_server import RedisServer
+from tests.support.results import StandInModel, phantom_source
+from tests.support.scp import RecordingSCP
+from worker.celery_app import make_app, runtime_of
+from worker.locks import AttemptCounter, InstanceLocks
+from worker.options import WorkerOptions
 from worker.outbox import Outbox
-from worker.results import Unassessable
-from worker.tasks import AttemptCounter, InstanceLocks, backoff_delay
-
-__all__ = ["redis_fixture", "redis_server_fixture"]  # fixtures used by this module
+from worker.results.outcome import Unassessable
+from worker.runtime import resolve_device
 
 BUNDLE = Path(monai_bundle.__file__).resolve().parent
 
@@ -81,7 +74,7 @@ def test_backoff_is_exponential_with_jitter(
     retries: int, base: float, maximum: float, low: float, high: float
 ) -> None:
     rng = random.Random(retries)
-    delays = [backoff_delay(retries, base, maximum, rng) for _ in range(200)]
+    delays = [backoff_delay(retries, base, maximum, jitter=True, rng=rng) for _ in range(200)]
     assert all(low <= d <= high for d in delays)
     assert len(set(delays)) > 1  # jitter
 
@@ -102,20 +95,22 @@ def test_worker_options_are_checked(options: dict[str, Any], message: str) -> No
 
 
 @pytest.mark.parametrize(
-    ("argv", "device", "concurrency", "visibility"),
+    ("argv", "device", "gpus", "concurrency", "visibility"),
     [
-        ([], "cpu", 1, 3600.0),
-        (["--concurrency", "2", "--time-limit", "2000"], "cpu", 2, 4000.0),
+        ([], "cpu", 0, 1, 3600.0),
+        (["--concurrency", "2", "--time-limit", "2000"], "cpu", 0, 2, 4000.0),
         (["--visibility-timeout", "30", "--time-limit", "20", "--retry-backoff-max", "5"], "cpu",
-         1, 30.0),
-        ([], "auto", 1, 3600.0),  # no GPU here: one CPU process
+         0, 1, 30.0),
+        ([], "auto", 0, 1, 3600.0),  # no GPU: one CPU process
+        ([], "auto", 2, 2, 3600.0),  # one process per GPU
+        ([], "cpu", 2, 1, 3600.0),  # GPUs are ignored when the CPU is asked for
     ],
 )  # fmt: skip
 def test_worker_command_options(
-    argv: list[str], device: str, concurrency: int, visibility: float
+    argv: list[str], device: str, gpus: int, concurrency: int, visibility: float
 ) -> None:
     args = build_parser().parse_args(["worker", *argv])
-    options = worker_options(args, device)
+    options = worker_options(args, device, gpus)
     assert options.concurrency == concurrency
     assert options.visibility_timeout == visibility
     assert options.soft_time_limit < options.time_limit < options.visibility_timeout
@@ -314,7 +309,7 @@ def test_unavailable_destination_is_retried_then_dead_lettered(
     (stored,) = _spool_study(settings, tmp_path)
     model = StandInModel()
     app = _app(settings, model, max_retries=3, retry_backoff=0.01, retry_backoff_max=0.02)
-    with caplog.at_level(logging.WARNING, logger="worker.tasks"):
+    with caplog.at_level(logging.WARNING, logger="worker.celery_app"):
         _run(app, stored.study_key)
     retries = [r.getMessage() for r in caplog.records if ": retry " in r.getMessage()]
     assert [m.split(": retry ")[1][:6] for m in retries] == ["1 of 3", "2 of 3", "3 of 3"]
@@ -375,54 +370,13 @@ def test_runtime_is_attached_and_engine_not_loaded_at_build(
 # --------------------------------------------------------------------------- real workers
 
 
-class WorkerProcess:
-    """``coronet worker`` in its own process group; output collected on a thread."""
+def _worker_process(config: Path, *options: str) -> ChildProcess:
+    """``coronet worker`` in its own process group."""
+    return ChildProcess.coronet(["worker", "--config", str(config), *options])
 
-    def __init__(self, config: Path, *options: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CORONET_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        self.output: list[str] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "worker", "--config", str(config), *options],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.output.append(line)
-
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        wait_until(
-            lambda: "loaded on" in self.text() or self.process.poll() is not None,
-            timeout,
-            "the worker to load the model",
-        )
-        assert self.process.poll() is None, self.text()
-
-    def kill_all(self) -> None:
-        """kill -9 the worker and its pool processes."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self._reader.join(timeout=5)
+def _wait_ready(worker: ChildProcess) -> None:
+    worker.wait_for(lambda out: "loaded on" in out, "the worker to load the model")
 
 
 def _worker_config(tmp_path: Path, settings: Settings) -> Path:
@@ -462,16 +416,16 @@ def test_kill_9_mid_task_delivers_exactly_one_sr(
     stored = _spool_rg1(settings, tmp_path)
     client = redis.client()
     lock = f"coronet:lock:{stored.study_key}:{stored.instance_key}"
-    first = WorkerProcess(config, *options)
+    first = _worker_process(config, *options)
     try:
-        first.wait_ready()
+        _wait_ready(first)
         CeleryQueue.from_settings(settings.broker).enqueue_study(stored.study_key)
         wait_until(lambda: client.exists(lock), 60, "the task to start")
-        first.kill_all()
+        first.kill_group()  # kill -9 the worker and its pool processes
     finally:
         first.stop()
     assert scp.stored() == []
-    second = WorkerProcess(config, *options)
+    second = _worker_process(config, *options)
     try:
         wait_until(lambda: len(scp.stored()) >= 1, 120, "the redelivered task's SR")
         wait_until(
@@ -498,9 +452,9 @@ def test_results_wait_in_the_outbox_while_the_destination_is_down(
     options = (*WORKER, *FAST_RETRIES)
     (stored,) = _spool_study(settings, tmp_path)
     outbox = Outbox(settings.storage.outbox_dir)
-    worker = WorkerProcess(config, *options)
+    worker = _worker_process(config, *options)
     try:
-        worker.wait_ready()
+        _wait_ready(worker)
         CeleryQueue.from_settings(settings.broker).enqueue_study(stored.study_key)
         wait_until(lambda: "will retry" in worker.text(), 120, "a failed delivery")
         assert [outbox.state(r.key, "pacs") for r in outbox.results()] == ["pending"]

@@ -1,6 +1,9 @@
-"""The worker's Celery application, built from :class:`~dicom_node.config.Settings`.
+"""The thin Celery glue of the worker: the app, the task, and the process signals.
 
-:func:`make_app` builds it; nothing is built at import.  ``celery -A worker.celery_app ...``
+The work itself is :class:`worker.processor.StudyProcessor` (no Celery there); the process
+set-up is :class:`worker.runtime.WorkerRuntime`.
+
+:func:`make_app` builds the app; nothing is built at import.  ``celery -A worker.celery_app ...``
 (e.g. ``inspect ping`` in a container health check) gets a lazily built ``app`` from the
 configuration file named by ``CORONET_CONFIG`` (default ``configs/node.yaml``).
 
@@ -15,119 +18,33 @@ Delivery guarantees (Redis broker):
 * a message started more than ``max_redeliveries + 1`` times is dead-lettered (no poison loop);
 * JSON only; one queue (``broker.queue``, or ``--queue``), so GPU and CPU pools can be routed
   to different queues.
-
-Devices: the model is loaded in every pool process by the ``worker_process_init`` signal.
-``model.device`` ``cpu`` or ``cuda:N`` is used as is; ``auto`` gives process *i* the GPU
-``cuda:{i mod G}`` on a host with G GPUs (billiard keeps the index when it replaces a process),
-and the CPU when there is none.  ``coronet worker`` then starts G processes by default, one per
-GPU.  The GPU count comes from NVML (``torch.cuda.device_count``), which does not initialise
-CUDA in the parent, so the forked children may.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from celery import Celery
+from billiard.process import current_process
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
 
-from dicom_node.config import DEFAULT_CONFIG, Settings, load_settings
-from dicom_node.errors import ConfigError
-from dicom_node.queueing import TASK_NAME
-from worker.tasks import Analyse, WorkerRuntime, register_tasks
+from dicom_node.core.backoff import backoff_delay
+from dicom_node.core.errors import CoronetError, IngestError
+from dicom_node.core.settings import DEFAULT_CONFIG, Settings, load_settings
+from dicom_node.core.task import TASK_NAME, StudyTask
+from worker.locks import AttemptCounter
+from worker.options import WorkerOptions
+from worker.processor import Analyse
+from worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 
 CONFIG_ENV = "CORONET_CONFIG"
 """Names the configuration file of the lazily built :data:`app` (``celery -A``)."""
-
-Pool = Literal["prefork", "solo"]
-HeatmapMode = Literal["fast", "full", "off"]
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """Worker settings that are not part of the node's configuration file (CLI options).
-
-    Times are in seconds.  ``lock_ttl`` is how long an instance lock outlives a dead worker.
-    """
-
-    concurrency: int = 1
-    pool: Pool = "prefork"
-    queue: str | None = None
-    heatmap: HeatmapMode = "fast"
-    soft_time_limit: float = 840.0
-    time_limit: float = 900.0
-    visibility_timeout: float = 3600.0
-    max_retries: int = 8
-    retry_backoff: float = 2.0
-    retry_backoff_max: float = 300.0
-    max_redeliveries: int = 3
-    gpu_count: int | None = None
-    threads: int | None = None
-    """torch CPU threads per pool process; None: the cores shared between the processes."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.concurrency < 1:
-            problems.append("concurrency must be at least 1")
-        if self.threads is not None and self.threads < 1:
-            problems.append("threads must be at least 1")
-        if not 0 < self.soft_time_limit < self.time_limit:
-            problems.append("need 0 < soft time limit < time limit")
-        if self.visibility_timeout <= self.time_limit:
-            problems.append("the visibility timeout must exceed the task time limit")
-        if self.visibility_timeout <= self.retry_backoff_max:
-            problems.append("the visibility timeout must exceed the longest retry countdown")
-        if self.max_retries < 0 or self.max_redeliveries < 0:
-            problems.append("max retries and max redeliveries must not be negative")
-        if self.retry_backoff <= 0 or self.retry_backoff_max < self.retry_backoff:
-            problems.append("need 0 < retry backoff <= retry backoff max")
-        if problems:
-            raise ConfigError("worker options: " + "; ".join(problems))
-
-    @property
-    def lock_ttl(self) -> float:
-        return self.time_limit + 60.0
-
-    @property
-    def restore_interval(self) -> float:
-        """Seconds between sweeps for messages of lost workers (at most 10)."""
-        return max(1.0, min(10.0, self.visibility_timeout / 4))
-
-
-def resolve_device(setting: str, index: int, gpu_count: int | None) -> str:
-    """The torch device of pool process ``index`` for ``model.device`` (see module doc)."""
-    if setting != "auto":
-        return setting
-    count = gpu_count if gpu_count is not None else detect_gpus()
-    return f"cuda:{index % count}" if count > 0 else "cpu"
-
-
-def detect_gpus() -> int:
-    """Number of CUDA GPUs, counted through NVML when possible.
-
-    ``torch.cuda.device_count`` does not initialise CUDA when NVML answers, so the pool
-    processes forked afterwards can still use CUDA; ``torch.cuda.is_available`` would.
-    """
-    import torch
-
-    return int(torch.cuda.device_count())
-
-
-def configure_torch_threads(options: WorkerOptions) -> None:
-    """Share the CPU cores between the pool processes (or use ``options.threads``)."""
-    import torch
-
-    cores = os.cpu_count() or 1
-    threads = options.threads or (
-        max(1, cores // options.concurrency) if options.pool == "prefork" else cores
-    )
-    torch.set_num_threads(threads)
 
 
 def make_app(
@@ -180,8 +97,6 @@ def runtime_of(app: Celery) -> WorkerRuntime:
 
 def _connect_signals(app: Celery, runtime: WorkerRuntime) -> None:
     def on_process_init(**_: Any) -> None:
-        from billiard.process import current_process
-
         runtime.start_process(int(getattr(current_process(), "index", 0) or 0))
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
@@ -212,12 +127,85 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def register_tasks(
+    app: Celery, runtime: WorkerRuntime, analyse: Analyse | None = None
+) -> Task[Any, Any]:
+    """Register ``coronet.process_study`` on ``app``; ``analyse`` replaces the model (tests)."""
+    options = runtime.options
+
+    @app.task(
+        name=TASK_NAME,
+        shared=False,  # bound to this app's runtime: never handed to other Celery apps
+        # Registered now, not when the app is finalised: a "shared" task of the same name that
+        # another Celery app in this process declared would otherwise be installed first and
+        # win (Celery runs the shared-task finalisers before the app's own pending tasks).
+        lazy=False,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        max_retries=options.max_retries,
+    )
+    def process_study(
+        self: Task[Any, Any], study_key: str, instance_keys: list[str] | None = None
+    ) -> None:
+        """Analyse a spooled study and deliver its SR and SC (:mod:`worker.processor`)."""
+        try:
+            task = StudyTask.from_message(study_key, instance_keys)
+        except IngestError as err:
+            logger.error("malformed task arguments, dropped: %s", err)
+            return
+        study_key = task.study_key
+        task_id = str(self.request.id)
+        retries = int(self.request.retries or 0)
+        processor = runtime.processor(analyse)
+        attempt = AttemptCounter(runtime.redis()).count(task_id, retries)
+        if attempt > options.max_redeliveries + 1:
+            processor.dead_letter_study(
+                study_key,
+                task.instance_keys,
+                f"task started {attempt} times without finishing (worker lost each time)",
+            )
+            return
+        if attempt > 1:
+            logger.warning("study %s: task redelivered (start %d)", study_key, attempt)
+        final = retries >= options.max_retries
+        try:
+            report = processor.run(study_key, task.instance_keys, task_id, final_attempt=final)
+        except SoftTimeLimitExceeded:
+            processor.dead_letter_study(
+                study_key,
+                task.instance_keys,
+                f"the task ran longer than its time limit ({options.soft_time_limit:g} s)",
+            )
+            return
+        if report.waiting:
+            delay = backoff_delay(
+                retries, options.retry_backoff, options.retry_backoff_max, jitter=True
+            )
+            reasons = "; ".join(f"{k}: {v}" for k, v in sorted(report.delivery.waiting.items()))
+            logger.warning(
+                "study %s: retry %d of %d in %.1f s (%s)",
+                study_key,
+                retries + 1,
+                options.max_retries,
+                delay,
+                reasons,
+            )
+            raise self.retry(countdown=delay, exc=CoronetError(reasons))
+        if report.busy:
+            logger.info(
+                "study %s: %d instances are being processed by another task",
+                study_key,
+                len(report.busy),
+            )
+
+    return process_study
+
+
 __all__ = [
-    "WorkerOptions",
     "app_from_environment",
-    "configure_torch_threads",
-    "detect_gpus",
     "make_app",
-    "resolve_device",
+    "register_tasks",
     "runtime_of",
 ]

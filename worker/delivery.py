@@ -11,10 +11,14 @@ answer with :func:`classify_status`:
 * ``PERMANENT``: Data Set does not match SOP Class (A9xx), Cannot Understand (Cxxx), SOP Class
   not supported, Not Authorized, and any status we do not know: sending again will not help.
 
-A failure to associate raises instead: :class:`~dicom_node.errors.DeliveryError` when it may go
-away (connection refused, timeout, A-ASSOCIATE-RJ "rejected-transient", aborted), and
-:class:`~dicom_node.errors.PermanentDeliveryError` for "rejected-permanent" (e.g. our calling AE
-title is not known there; PS3.8 9.3.4) or a destination that accepts none of our SOP classes.
+A failure to associate raises instead: :class:`~dicom_node.core.errors.TransientDeliveryError`
+when it may go away (connection refused, timeout, A-ASSOCIATE-RJ "rejected-transient", aborted),
+and :class:`~dicom_node.core.errors.PermanentDeliveryError` for "rejected-permanent" (e.g. our
+calling AE title is not known there; PS3.8 9.3.4) or a destination that accepts none of our SOP
+classes.
+
+:class:`Sender` binds our AE title and timeouts once, so every caller sends the same way;
+:func:`echo` opens the same kind of association for a C-ECHO (PS3.7 9.1.5).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import enum
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -39,9 +43,13 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from dicom_node import statuses
-from dicom_node.config import Destination, Timeouts, TLSSettings
-from dicom_node.errors import ConfigError, DeliveryError, PermanentDeliveryError
+from dicom_node.core import statuses
+from dicom_node.core.errors import (
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from dicom_node.core.settings import Destination, Settings, Timeouts
+from dicom_node.core.tls import client_context
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +64,9 @@ UNCOMPRESSED: Final[tuple[str, ...]] = (ExplicitVRLittleEndian, ImplicitVRLittle
 
 MAX_PDU_SIZE: Final = 1 << 20
 """Largest P-DATA PDU we accept from the destination (PS3.8 D.3.3.2.1)."""
+
+VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
+"""Verification SOP Class (PS3.4 A.4)."""
 
 
 class Disposition(enum.Enum):
@@ -115,24 +126,6 @@ class SendOutcome:
     detail: str
 
 
-def client_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
-    """A client TLS context, TLS 1.2 at least (PS3.15 B.9), verifying the destination.
-
-    ``ca_file`` verifies the destination's certificate (the system CAs when absent); with
-    ``cert_file``/``key_file`` we present a client certificate.
-    """
-    try:
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
-        )
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if tls.cert_file is not None and tls.key_file is not None:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (OSError, ssl.SSLError) as err:
-        raise ConfigError(f"destination TLS: cannot load certificates: {err}") from err
-    return context
-
-
 def _where(destination: Destination) -> str:
     return f"{destination.name} ({destination.ae_title} at {destination.host}:{destination.port})"
 
@@ -141,31 +134,29 @@ def _read(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path)
     except (OSError, pydicom.errors.InvalidDicomError) as err:
-        raise DeliveryError(f"cannot read result {path.name}: {err}") from err
+        raise TransientDeliveryError(f"cannot read result {path.name}: {err}") from err
 
 
-def _application_entity(calling_ae: str, timeouts: Timeouts, sop_classes: Sequence[str]) -> AE:
+def _application_entity(calling_ae: str, timeouts: Timeouts) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeouts.acse
     ae.dimse_timeout = timeouts.dimse
     ae.network_timeout = timeouts.network
     ae.maximum_pdu_size = MAX_PDU_SIZE
-    for sop_class in dict.fromkeys([*RESULT_SOP_CLASSES, *sop_classes]):
-        ae.add_requested_context(sop_class, list(UNCOMPRESSED))
     return ae
 
 
 def _associate(ae: AE, destination: Destination) -> Association:
     tls_args = None
     if destination.tls is not None:
-        tls_args = (client_ssl_context(destination.tls), destination.host)
+        tls_args = (client_context(destination.tls), destination.host)
     where = _where(destination)
     try:
         assoc = ae.associate(
             destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
         )
     except (OSError, ssl.SSLError) as err:  # e.g. name resolution inside pynetdicom
-        raise DeliveryError(f"cannot reach {where}: {err}") from err
+        raise TransientDeliveryError(f"cannot reach {where}: {err}") from err
     if assoc.is_established:
         return assoc
     if assoc.is_rejected and assoc.acceptor.primitive is not None:
@@ -176,11 +167,11 @@ def _associate(ae: AE, destination: Destination) -> Association:
         )
         if reply.result == statuses.REJECTED_PERMANENT:
             raise PermanentDeliveryError(why)
-        raise DeliveryError(why)
+        raise TransientDeliveryError(why)
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         # The peer answered, accepting none of our presentation contexts; pynetdicom aborts.
-        raise PermanentDeliveryError(f"{where} accepts none of the result SOP classes (PS3.4 B.5)")
-    raise DeliveryError(f"no association with {where} (refused, unreachable or aborted)")
+        raise PermanentDeliveryError(f"{where} accepts none of the proposed SOP classes")
+    raise TransientDeliveryError(f"no association with {where} (refused, unreachable or aborted)")
 
 
 def send_files(
@@ -192,14 +183,16 @@ def send_files(
 ) -> list[SendOutcome]:
     """C-STORE ``paths`` (DICOM files) to ``destination`` in one association, in order.
 
-    Returns one :class:`SendOutcome` per file.  Raises :class:`DeliveryError` or
+    Returns one :class:`SendOutcome` per file.  Raises :class:`TransientDeliveryError` or
     :class:`PermanentDeliveryError` when no association can be made (see module doc).
     """
     if not paths:
         return []
     datasets = [(path, _read(path)) for path in paths]
     sop_classes = [str(ds.SOPClassUID) for _, ds in datasets]
-    ae = _application_entity(calling_ae, timeouts, sop_classes)
+    ae = _application_entity(calling_ae, timeouts)
+    for sop_class in dict.fromkeys([*RESULT_SOP_CLASSES, *sop_classes]):
+        ae.add_requested_context(sop_class, list(UNCOMPRESSED))
     assoc = _associate(ae, destination)
     accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
     if not accepted & set(sop_classes):
@@ -244,12 +237,56 @@ def _store_one(assoc: Association, path: Path, ds: Dataset, accepted: set[str]) 
     return SendOutcome(path, classify_status(code), code, describe_status(code))
 
 
+SendFn = Callable[[Destination, Sequence[Path]], list[SendOutcome]]
+"""Sends files to one destination; :class:`Sender` is the real one."""
+
+
+@dataclass(frozen=True)
+class Sender:
+    """C-STORE of result files with our AE title and timeouts (the one send binding)."""
+
+    calling_ae: str
+    timeouts: Timeouts
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Sender:
+        return cls(settings.node.ae_title, settings.node.timeouts)
+
+    def __call__(self, destination: Destination, paths: Sequence[Path]) -> list[SendOutcome]:
+        return send_files(destination, paths, calling_ae=self.calling_ae, timeouts=self.timeouts)
+
+
+def echo(settings: Settings, name: str, timeout: float) -> tuple[bool, str]:
+    """C-ECHO (PS3.7 9.1.5) to the configured destination ``name``; return (ok, message)."""
+    destination = settings.destination(name)
+    ae = _application_entity(
+        settings.node.ae_title, Timeouts(acse=timeout, dimse=timeout, network=timeout)
+    )
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    where = _where(destination)
+    try:
+        assoc = _associate(ae, destination)
+    except (TransientDeliveryError, PermanentDeliveryError) as err:
+        return False, f"C-ECHO to {where}: {err}"
+    try:
+        response = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    status = response.get("Status") if response else None
+    if status is None:
+        return False, f"C-ECHO to {where}: no response within {timeout:g} s"
+    ok = status == statuses.SUCCESS
+    return ok, f"C-ECHO to {where}: {statuses.describe(int(status))}"
+
+
 __all__ = [
     "RESULT_SOP_CLASSES",
     "Disposition",
+    "SendFn",
     "SendOutcome",
+    "Sender",
     "classify_status",
-    "client_ssl_context",
     "describe_status",
+    "echo",
     "send_files",
 ]

@@ -1,7 +1,8 @@
 """The CoroNet MONAI bundle, loaded once per process for the worker and ``coronet infer``.
 
-The bundle's own ``configs/inference.json`` defines the network and the pre-processing (the
-config ids ``network``, ``preprocessing``, ``inferer``, ``postprocessing``, ``class_names`` and
+The bundle's own ``configs/inference.json`` defines the network, the pre-processing, the
+classes and the attribution presets (the config ids ``network``, ``preprocessing``,
+``inferer``, ``postprocessing``, ``class_names``, ``classes``, ``attribution`` and
 ``checkpoint`` are the contract), so the worker computes exactly what
 ``python -m monai.bundle run --config_file configs/inference.json`` computes.
 """
@@ -25,12 +26,13 @@ from torch import nn
 
 import monai_bundle
 import monai_bundle.scripts
-from dicom_node.errors import InferenceError
-from monai_bundle.scripts.attribution import DEFAULT_CONFIG, FAST_CONFIG, Explanation, explain
+from dicom_node.core.errors import InferenceError
+from monai_bundle.scripts.attribution import Explanation, PerturbationConfig, explain
+from monai_bundle.scripts.classes import ModelClass, load_classes
 from monai_bundle.scripts.inference import input_error
 from monai_bundle.scripts.networks import load_coronet_weights
 from monai_bundle.scripts.training import resolve_device
-from worker.results import AlgorithmInfo, Prediction
+from worker.results.outcome import AlgorithmInfo, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +68,21 @@ def _make_scripts_importable(bundle_dir: Path) -> None:
 
 @dataclass
 class Engine:
-    """A loaded CoroNet bundle: pre-processing, network, class names, version and weights."""
+    """A loaded CoroNet bundle: pre-processing, network, classes, attribution presets, version
+    and weights."""
 
     network: nn.Module
     preprocessing: Callable[[Mapping[str, Any]], Mapping[str, Any]]
-    class_names: tuple[str, ...]
+    classes: tuple[ModelClass, ...]
+    presets: Mapping[str, PerturbationConfig]
     image_size: int
     model_version: str
     algorithm: AlgorithmInfo
     device: torch.device
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.classes)
 
     def prepare(self, source: Dataset | Path) -> torch.Tensor:
         """The model input ``1 x S x S`` for a DICOM dataset or an image file.
@@ -103,10 +111,17 @@ class Engine:
         predicted = self.class_names[int(np.argmax(probs))]
         return Prediction(self.class_names, values, predicted)
 
-    def explain(self, image: torch.Tensor, target: int, fast: bool = True) -> Explanation:
-        """The meaningful-perturbation heatmap of ``target`` for one prepared image."""
+    def explain(self, image: torch.Tensor, target: int, preset: str = "fast") -> Explanation:
+        """The meaningful-perturbation heatmap of ``target`` for one prepared image, with the
+        bundle's attribution ``preset`` (``default``: the paper's; ``fast``)."""
         try:
-            return explain(self.network, image, target, FAST_CONFIG if fast else DEFAULT_CONFIG)
+            config = self.presets[preset]
+        except KeyError:
+            raise InferenceError(
+                f"no attribution preset {preset!r}; the bundle has {sorted(self.presets)}"
+            ) from None
+        try:
+            return explain(self.network, image, target, config)
         except RuntimeError as err:
             raise InferenceError(f"the attribution map failed: {err}") from err
 
@@ -147,10 +162,16 @@ def load_engine(
         weights_sha256=sha256_of(checkpoint),
         parameters={"input_size": str(image_size), "device": torch_device.type},
     )
+    try:
+        classes = load_classes(root)
+    except (OSError, ValueError) as err:
+        raise InferenceError(f"the bundle's classes are unusable: {err}") from err
+    presets = dict(parser.get_parsed_content("attribution"))
     engine = Engine(
         network=network,
         preprocessing=parser.get_parsed_content("preprocessing"),
-        class_names=tuple(parser.get_parsed_content("class_names")),
+        classes=classes,
+        presets=presets,
         image_size=image_size,
         model_version=model_version,
         algorithm=algorithm,

@@ -25,12 +25,13 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from tqdm.auto import tqdm
 
-from dicom_node.config import Settings
-from dicom_node.errors import CoronetError
+from dicom_node.core.errors import CoronetError
+from dicom_node.core.settings import Settings
 from monai_bundle.scripts.preprocessing import is_dicom_file
 from worker.engine import Engine, load_engine
 from worker.pipeline import InstanceResult, process_dataset
-from worker.results import Prediction
+from worker.results.outcome import Prediction
+from worker.results.render import save_png
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -66,14 +67,13 @@ def infer_file(
     settings: Settings,
     out: Path,
     *,
-    heatmap: bool,
-    fast: bool,
+    preset: str | None,
     png: bool,
 ) -> dict[str, Any]:
     """Process one file; raises ``InvalidDicomError``/``OSError`` for unreadable files."""
     start = time.perf_counter()
     ds = pydicom.dcmread(path)
-    result = process_dataset(ds, engine, settings.results, heatmap=heatmap, fast=fast)
+    result = process_dataset(ds, engine, settings.results, settings.selection, preset=preset)
     record = summary(path, result, engine, time.perf_counter() - start)
     stem = path.stem
     if result.sr is not None:
@@ -85,8 +85,6 @@ def infer_file(
         result.sc.save_as(target, enforce_file_format=True)
         record["outputs"]["sc"] = target.name
         if png:
-            from worker.sc import save_png
-
             record["outputs"]["png"] = save_png(result.sc.pixel_array, out / f"{stem}.png").name
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
     return record
@@ -100,8 +98,7 @@ def run_infer(
     bundle_dir: Path | None = None,
     device: str | None = None,
     weights: Path | None = None,
-    heatmap: bool = True,
-    fast: bool = False,
+    preset: str | None = "default",
     png: bool = False,
 ) -> int:
     """Process every input; return the exit status (1 when any file failed)."""
@@ -116,7 +113,7 @@ def run_infer(
     failures: dict[str, str] = {}
     for path in tqdm(paths, desc="coronet infer", unit="img", disable=len(paths) < 2):
         try:
-            record = infer_file(path, engine, settings, out, heatmap=heatmap, fast=fast, png=png)
+            record = infer_file(path, engine, settings, out, preset=preset, png=png)
         except (InvalidDicomError, OSError, ValueError, CoronetError) as err:
             failures[str(path)] = f"{type(err).__name__}: {err}"
             tqdm.write(f"skipped {path}: {err}", file=sys.stderr)

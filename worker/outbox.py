@@ -1,4 +1,5 @@
-"""The durable outbox: results waiting for delivery, delivery state per destination, dead letters.
+"""The durable outbox store: results waiting for delivery, delivery state per destination, dead
+letters.  Sending is :mod:`worker.rounds`; this module only reads and writes the folder.
 
 On-disk format (version 1)::
 
@@ -22,10 +23,10 @@ On-disk format (version 1)::
 
 ``<key>`` is the spool key (32 hex digits of the SHA-256) of the result's SOP Instance UID, and
 the study and instance keys are the spool's, so no file name comes from peer data.  Result UIDs
-are deterministic (``worker.uids``): analysing the same image with the same model gives the same
-key, the first stored copy is kept, and a result already delivered to a destination is never
-sent there again.  Every file is written to a temporary name, fsync'ed, renamed (or hard-linked,
-for keep-the-first-copy) into place, and its folder fsync'ed.
+are deterministic (``worker.results.uids``): analysing the same image with the same model gives
+the same key, the first stored copy is kept, and a result already delivered to a destination is
+never sent there again.  Every file is written to a temporary name, fsync'ed, renamed (or
+hard-linked, for keep-the-first-copy) into place, and its folder fsync'ed.
 
 A result is *pending* for a destination while it has neither a ``delivered`` marker nor a
 dead-letter entry there.  An analysed source instance is *settled* once every one of its results
@@ -41,18 +42,17 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final, Literal
 
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
-from dicom_node.config import Destination, Settings
-from dicom_node.durable import TMP_SUFFIX, fsync_dir, read_json, replace_json, write_temp
-from dicom_node.errors import DeliveryError, IngestError, PermanentDeliveryError
-from dicom_node.spool import Spool, check_key, key_for
-from worker.delivery import Disposition, SendOutcome, describe_status, send_files
+from dicom_node.core.durable import TMP_SUFFIX, fsync_dir, read_json, replace_json, write_temp
+from dicom_node.core.errors import ConfigError, IngestError, TransientDeliveryError
+from dicom_node.core.settings import Destination
+from dicom_node.core.spool import check_key, key_for
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,10 @@ DEAD_LETTER: Final = "dead-letter"
 _DESTINATION_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 #: Results of one source are sent in this order: the SR references the SC, so the SC goes first.
-_KIND_ORDER: Final = {"sc": 0, "other": 1, "sr": 2}
+KIND_ORDER: Final = {"sc": 0, "other": 1, "sr": 2}
 
 State = Literal["pending", "delivered", "dead"]
-_STATES: Final[tuple[State, ...]] = ("pending", "delivered", "dead")
-SendFn = Callable[[Destination, Sequence[Path]], list[SendOutcome]]
-"""Sends files to one destination (``worker.delivery.send_files`` with its options bound)."""
+STATES: Final[tuple[State, ...]] = ("pending", "delivered", "dead")
 
 
 def result_kind(sop_class_uid: str) -> str:
@@ -103,7 +101,7 @@ def _write_first(path: Path, write: Callable[[IO[bytes]], None]) -> bool:
 def check_destination_name(name: str) -> str:
     """Return ``name`` if it can name a folder (config names do; ``.``/``..`` do not)."""
     if not _DESTINATION_NAME.match(name) or name in (".", ".."):
-        raise DeliveryError(f"destination name {name!r} cannot name an outbox folder")
+        raise ConfigError(f"destination name {name!r} cannot name an outbox folder")
     return name
 
 
@@ -218,8 +216,10 @@ class Outbox:
                     "timings": dict(record.timings),
                 },
             )
-        except OSError as err:
-            raise DeliveryError(f"cannot write to the outbox: {err.strerror or err}") from err
+        except OSError as err:  # e.g. a full disk, which may clear: retried like a delivery
+            raise TransientDeliveryError(
+                f"cannot write to the outbox: {err.strerror or err}"
+            ) from err
         return record
 
     def _put_result(self, study_key: str, instance_key: str, ds: Dataset) -> str:
@@ -319,7 +319,7 @@ class Outbox:
                 continue
             if record is not None:
                 records.append(record)
-        return sorted(records, key=lambda r: (r.created, _KIND_ORDER.get(r.kind, 1)))
+        return sorted(records, key=lambda r: (r.created, KIND_ORDER.get(r.kind, 1)))
 
     def state(self, key: str, destination: str) -> State:
         if self._delivered_path(key, destination).exists():
@@ -373,245 +373,14 @@ class Outbox:
         return removed
 
 
-# --------------------------------------------------------------------------- delivery rounds
-
-
-@dataclass
-class DeliveryRound:
-    """What one round of sending achieved."""
-
-    delivered: list[tuple[str, str]] = field(default_factory=list)
-    """(result key, destination) pairs stored by the destination."""
-    refused: list[tuple[str, str, str]] = field(default_factory=list)
-    """(result key, destination, reason) pairs refused for good (now dead-lettered)."""
-    waiting: dict[str, str] = field(default_factory=dict)
-    """destination -> reason, for destinations with results still waiting (transient)."""
-    waiting_keys: dict[str, list[str]] = field(default_factory=dict)
-    """destination -> the result keys that are still waiting there."""
-
-    @property
-    def transient(self) -> bool:
-        return bool(self.waiting)
-
-
-def order_for_sending(outbox: Outbox, keys: Iterable[str]) -> list[str]:
-    """Unique keys, each source's SC before its SR (the SR references the SC)."""
-    unique = list(dict.fromkeys(keys))
-    kinds = {}
-    for key in unique:
-        record = outbox.result(key)
-        kinds[key] = _KIND_ORDER.get(record.kind, 1) if record is not None else 1
-    return sorted(unique, key=lambda k: kinds[k])
-
-
-def deliver(
-    outbox: Outbox,
-    destinations: Sequence[Destination],
-    keys: Iterable[str],
-    send: SendFn,
-    *,
-    states: Iterable[State] = ("pending",),
-) -> DeliveryRound:
-    """Send every result of ``keys`` in one of ``states`` to every destination; record it.
-
-    ``states=("pending", "dead")`` sends dead-lettered results again too.  Results already
-    delivered to a destination are never sent there again.
-    """
-    round_ = DeliveryRound()
-    ordered = order_for_sending(outbox, keys)
-    wanted = set(states) - {"delivered"}
-    for destination in destinations:
-        todo = [k for k in ordered if outbox.state(k, destination.name) in wanted]
-        todo = [k for k in todo if outbox.result(k) is not None]
-        if not todo:
-            continue
-        _deliver_to(outbox, destination, todo, send, round_)
-    return round_
-
-
-def _deliver_to(
-    outbox: Outbox,
-    destination: Destination,
-    todo: list[str],
-    send: SendFn,
-    round_: DeliveryRound,
-) -> None:
-    name = destination.name
-    try:
-        outcomes = send(destination, [outbox.result_path(k) for k in todo])
-    except PermanentDeliveryError as err:
-        for key in todo:
-            outbox.dead_letter(key, name, None, str(err))
-            round_.refused.append((key, name, str(err)))
-        logger.error("destination %s refused %d results for good: %s", name, len(todo), err)
-        return
-    except DeliveryError as err:
-        round_.waiting[name] = str(err)
-        round_.waiting_keys[name] = list(todo)
-        logger.warning("destination %s unavailable, %d results wait: %s", name, len(todo), err)
-        return
-    by_path = {outcome.path: outcome for outcome in outcomes}
-    for key in todo:
-        outcome = by_path.get(outbox.result_path(key))
-        if outcome is None:
-            round_.waiting.setdefault(name, "no answer for some results")
-            round_.waiting_keys.setdefault(name, []).append(key)
-        elif outcome.disposition is Disposition.DELIVERED:
-            outbox.mark_delivered(key, name, outcome.status)
-            round_.delivered.append((key, name))
-        elif outcome.disposition is Disposition.PERMANENT:
-            reason = f"refused: {outcome.detail}"
-            outbox.dead_letter(key, name, outcome.status, reason)
-            round_.refused.append((key, name, reason))
-        else:
-            round_.waiting.setdefault(name, describe_status(outcome.status))
-            round_.waiting_keys.setdefault(name, []).append(key)
-
-
-def give_up(outbox: Outbox, round_: DeliveryRound, why: str) -> int:
-    """Dead-letter the results still waiting after the last retry; return how many."""
-    count = 0
-    for name, keys in round_.waiting_keys.items():
-        reason = f"{why}; last error: {round_.waiting.get(name, 'unknown')}"
-        for key in keys:
-            outbox.dead_letter(key, name, None, reason)
-            count += 1
-    return count
-
-
-def settle(
-    outbox: Outbox,
-    spool: Spool,
-    destinations: Sequence[Destination],
-    records: Iterable[SourceRecord],
-) -> list[str]:
-    """Mark done in the spool every source instance of ``records`` that is settled.
-
-    Returns the instance keys marked done.  A spool that lacks the study (e.g. the worker runs
-    against another spool than the node) is logged and skipped.
-    """
-    done: list[str] = []
-    by_study: dict[str, list[str]] = {}
-    for record in records:
-        if outbox.is_settled(record, destinations):
-            by_study.setdefault(record.study_key, []).append(record.instance_key)
-    for study_key, instance_keys in by_study.items():
-        try:
-            spool.mark_done(study_key, instance_keys)
-        except IngestError as err:
-            logger.warning("study %s: cannot mark instances done: %s", study_key, err)
-            continue
-        done.extend(instance_keys)
-    return done
-
-
-# --------------------------------------------------------------------------- the CLI's work
-
-
-def retry_outbox(
-    outbox: Outbox,
-    spool: Spool,
-    settings: Settings,
-    destinations: Sequence[Destination],
-    *,
-    dead_only: bool = False,
-) -> tuple[DeliveryRound, list[str]]:
-    """Send dead-lettered (and, unless ``dead_only``, pending) results again, synchronously.
-
-    Returns the round and the spool instance keys that became settled and were marked done.
-    """
-    states: tuple[State, ...] = ("dead",) if dead_only else ("pending", "dead")
-
-    def send(destination: Destination, paths: Sequence[Path]) -> list[SendOutcome]:
-        return send_files(
-            destination,
-            paths,
-            calling_ae=settings.node.ae_title,
-            timeouts=settings.node.timeouts,
-        )
-
-    records = outbox.results()
-    round_ = deliver(outbox, destinations, [r.key for r in records], send, states=states)
-    touched = {key for key, _ in round_.delivered} | {key for key, _, _ in round_.refused}
-    sources = {(r.study_key, r.instance_key) for r in records if r.key in touched}
-    analysed = [outbox.source(study, instance) for study, instance in sorted(sources)]
-    done = settle(outbox, spool, settings.destinations, [s for s in analysed if s is not None])
-    return round_, done
-
-
-def format_listing(
-    outbox: Outbox, destinations: Sequence[Destination], *, state: State | None = None
-) -> str:
-    """The text of ``coronet outbox list``."""
-    names = [d.name for d in destinations]
-    records = outbox.results()
-    states = {r.key: {name: outbox.state(r.key, name) for name in names} for r in records}
-    if state is not None:
-        records = [r for r in records if state in states[r.key].values()]
-    lines = [f"outbox {outbox.root}: {len(records)} results"]
-    for name in names:
-        counts = {s: sum(1 for r in records if states[r.key][name] == s) for s in _STATES}
-        lines.append(
-            f"  {name}: {counts['delivered']} delivered, {counts['pending']} pending, "
-            f"{counts['dead']} dead-lettered"
-        )
-    if records:
-        header = f"{'RESULT':<32}  {'KIND':<5} {'STUDY':<32}  " + "  ".join(names)
-        lines += ["", header]
-        for r in records:
-            cells = "  ".join(f"{states[r.key][name]:<{len(name)}}" for name in names)
-            lines.append(f"{r.key:<32}  {r.kind:<5} {r.study_key:<32}  {cells}")
-    for name in names:
-        letters = outbox.dead_letters(name)
-        if letters:
-            lines += ["", f"dead-lettered for {name}:"]
-            lines += [
-                f"  {d.key}  {describe_status(d.status) if d.status is not None else '-'}"
-                f"  {d.at}  {d.reason}"
-                for d in letters
-            ]
-    failed = outbox.dead_sources()
-    if failed:
-        lines += ["", "instances that could not be analysed (study/instance):"]
-        lines += [f"  {d.key}  {d.at}  {d.reason}" for d in failed]
-    if not names:
-        lines.append("(no destinations configured)")
-    return "\n".join(lines)
-
-
-def format_round(round_: DeliveryRound, destinations: Sequence[Destination]) -> str:
-    """The report of ``coronet outbox retry``."""
-    lines = []
-    for destination in destinations:
-        name = destination.name
-        delivered = sum(1 for _, d in round_.delivered if d == name)
-        refused = [r for r in round_.refused if r[1] == name]
-        waiting = round_.waiting_keys.get(name, [])
-        line = f"{name}: {delivered} delivered, {len(refused)} refused, {len(waiting)} waiting"
-        if name in round_.waiting:
-            line += f" ({round_.waiting[name]})"
-        lines.append(line)
-        lines += [f"  refused {key}: {reason}" for key, _, reason in refused]
-    if not lines:
-        lines.append("no destinations configured")
-    if not round_.delivered and not round_.refused and not round_.waiting:
-        lines.append("nothing to send")
-    return "\n".join(lines)
-
-
 __all__ = [
+    "KIND_ORDER",
+    "STATES",
     "DeadLetter",
-    "DeliveryRound",
     "Outbox",
     "ResultRecord",
-    "SendFn",
     "SourceRecord",
-    "deliver",
-    "format_listing",
-    "format_round",
-    "give_up",
-    "order_for_sending",
+    "State",
+    "check_destination_name",
     "result_kind",
-    "retry_outbox",
-    "settle",
 ]

@@ -1,8 +1,9 @@
 """From one source radiograph to the DICOM results: prediction, heatmap SC and SR.
 
 Used by the Celery task and by ``coronet infer``, so both give the same objects.  An image the
-model cannot assess (not a frontal chest CR/DX, or failed pre-processing checks) becomes an
-``Unassessable`` outcome with its reasons: no class is ever made up for it.
+model cannot assess (not a frontal chest CR/DX by :mod:`dicom_node.core.chest`, or pixel data
+the bundle cannot use) becomes an ``Unassessable`` outcome with its reasons: no class is ever
+made up for it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from pydicom.dataset import Dataset
 
-from dicom_node.config import ResultSettings
-from monai_bundle.scripts.preprocessing import check_chest_radiograph
+from dicom_node.core.chest import assessment_reasons
+from dicom_node.core.settings import ResultSettings, SelectionRules
+from monai_bundle.scripts.preprocessing import image_header_problems
 from worker.engine import Engine
-from worker.results import Prediction, Unassessable
-from worker.sc import build_sc
-from worker.sr import build_sr
+from worker.results.outcome import Prediction, Unassessable
+from worker.results.sc import build_sc
+from worker.results.sr import build_sr
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +52,10 @@ class Assessment:
     timings: dict[str, float]
 
 
-def assess(ds: Dataset, engine: Engine) -> Assessment:
+def assess(ds: Dataset, engine: Engine, rules: SelectionRules) -> Assessment:
     """Check, pre-process and classify ``ds``; timings are in seconds."""
     timings: dict[str, float] = {}
-    reasons = check_chest_radiograph(ds)
+    reasons = assessment_reasons(ds, rules) + image_header_problems(ds)
     if reasons:
         return Assessment(Unassessable(tuple(reasons)), None, timings)
     start = time.perf_counter()
@@ -72,22 +74,23 @@ def process_dataset(
     ds: Dataset,
     engine: Engine,
     results: ResultSettings,
+    rules: SelectionRules,
     *,
-    heatmap: bool = True,
-    fast: bool = True,
+    preset: str | None = "fast",
 ) -> InstanceResult:
-    """Run the model on ``ds`` and build its SC (when ``heatmap``) and SR.
+    """Run the model on ``ds`` and build its SC (with the attribution ``preset``; none when
+    ``None``) and SR.
 
-    ``fast`` picks the fast attribution mode.  Raises ``InferenceError`` only when the model
-    itself fails; bad images give an ``Unassessable`` outcome.
+    Raises ``InferenceError`` only when the model itself fails; bad images give an
+    ``Unassessable`` outcome.
     """
-    assessment = assess(ds, engine)
+    assessment = assess(ds, engine, rules)
     outcome, image, timings = assessment.outcome, assessment.image, dict(assessment.timings)
     sc: Dataset | None = None
-    if isinstance(outcome, Prediction) and image is not None and heatmap:
+    if isinstance(outcome, Prediction) and image is not None and preset is not None:
         start = time.perf_counter()
         target = engine.class_names.index(outcome.predicted)
-        explanation = engine.explain(image, target, fast=fast)
+        explanation = engine.explain(image, target, preset)
         timings["heatmap_s"] = time.perf_counter() - start
         start = time.perf_counter()
         sc = build_sc(
@@ -108,6 +111,7 @@ def process_dataset(
         series_description=results.sr_series_description,
         heatmap_sc=sc,
         on_unassessable=results.on_unassessable,
+        classes=engine.classes,
     )
     timings["sr_s"] = time.perf_counter() - start
     datasets = [d for d in (sc, sr) if d is not None]

@@ -11,14 +11,15 @@ with ``m`` clamped to [0, 1] after every step, starting from ``m = 1`` (nothing 
 heatmap shown to the reader is ``1 - m``: the regions whose deletion lowers the target
 probability most.
 
-Two presets, measured with ``bench/heatmap.py`` and ``pointing_game.py`` (figures in
-``docs/benchmarks.md`` at the repository root): :data:`DEFAULT_CONFIG` takes the paper's 300
-Adam steps, :data:`FAST_CONFIG` 40 larger ones (lr 0.25), 7.5x fewer passes through the
-network.  On 40 phantoms with the demo weights at 128 px the fast maps point into the lesion
-57.5% of the time and the default ones 67.5% (the image centre 0%); 25 steps gave 52.5% and
-35 steps 55%.  Both optimise at the model's input size: a lower working resolution is
-cheaper per step but feeds the network images it was not trained at, and the maps then lose
-the lesion (at 64 px for the 128 px demo model, 1 hit in 20).
+Two presets, bundle config data (``attribution`` in ``configs/inference.json``, read by
+:func:`load_presets`), measured with ``bench/heatmap.py`` and ``pointing_game.py`` (figures in
+``docs/benchmarks.md`` at the repository root): ``default`` takes the paper's 300 Adam steps,
+``fast`` 40 larger ones (lr 0.25), 7.5x fewer passes through the network. On 40 phantoms with
+the demo weights at 128 px the fast maps point into the lesion 57.5% of the time and the default
+ones 67.5% (the image centre 0%); 25 steps gave 52.5% and 35 steps 55%. Both optimise at the
+model's input size: a lower working resolution is cheaper per step but feeds the network images
+it was not trained at, and the maps then lose the lesion (at 64 px for the 128 px demo model, 1
+hit in 20).
 
 Results are deterministic for a fixed ``seed``: all randomness comes from a local
 ``torch.Generator``.
@@ -27,10 +28,14 @@ Results are deterministic for a fixed ``seed``: all randomness comes from a loca
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,8 +46,6 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_CONFIG",
-    "FAST_CONFIG",
     "MAX_IMAGE_SIZE",
     "MIN_IMAGE_SIZE",
     "Explainer",
@@ -50,8 +53,14 @@ __all__ = [
     "PerturbationConfig",
     "blur",
     "explain",
+    "load_presets",
     "total_variation",
 ]
+
+#: The bundle config that holds the presets (``<bundle>/configs/inference.json``).
+PRESETS_FILE = Path(__file__).resolve().parent.parent / "configs" / "inference.json"
+PRESETS_KEY = "attribution"
+TARGET_KEY = "_target_"
 
 #: Smallest image side accepted: CoroNet's FPAE pyramid (/8) and ResNet stem (/32) need room.
 MIN_IMAGE_SIZE = 32
@@ -130,12 +139,26 @@ class PerturbationConfig:
             )
 
 
-#: The paper's setting (mask 28, Adam lr 0.1, L1 1e-2, TV 0.2 with beta 3, blur kernel 11 /
-#: sigma 5 at 224 px) at the image's own size.
-DEFAULT_CONFIG = PerturbationConfig()
+def presets_from(data: Mapping[str, Mapping[str, Any]]) -> dict[str, PerturbationConfig]:
+    """Presets from config data ``{name: {field: value, ...}}`` (``_target_`` is ignored)."""
+    known = {f.name for f in fields(PerturbationConfig)}
+    presets = {}
+    for name, values in data.items():
+        settings = {k: v for k, v in values.items() if k != TARGET_KEY}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"attribution preset {name!r}: unknown fields {unknown}")
+        presets[name] = PerturbationConfig(**settings)
+    return presets
 
-#: Same objective, 40 steps of lr 0.25 instead of 300 of 0.1; see the module docstring.
-FAST_CONFIG = replace(DEFAULT_CONFIG, iterations=40, lr=0.25)
+
+def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, PerturbationConfig]:
+    """The attribution presets of a bundle config (default: this bundle's), by name."""
+    config = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = config.get(PRESETS_KEY)
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: no {PRESETS_KEY!r} presets")
+    return presets_from(data)
 
 
 @dataclass(frozen=True)
@@ -169,12 +192,13 @@ def _gaussian_kernel(kernel: int, sigma: float) -> Tensor:
     return weights / weights.sum()
 
 
-def blur(image: Tensor, config: PerturbationConfig = DEFAULT_CONFIG) -> Tensor:
+def blur(image: Tensor, config: PerturbationConfig | None = None) -> Tensor:
     """Gaussian blur of ``image`` (``B x 1 x H x W``), the deletion baseline.
 
-    Kernel and sigma are ``config.blur_kernel`` / ``config.blur_sigma`` scaled by
-    ``min(H, W) / config.blur_reference_size``; borders are reflected.
+    Kernel and sigma are ``config.blur_kernel`` / ``config.blur_sigma`` (the paper's unless
+    given) scaled by ``min(H, W) / config.blur_reference_size``; borders are reflected.
     """
+    config = config or PerturbationConfig()
     scale = min(image.shape[-2:]) / config.blur_reference_size
     sigma = config.blur_sigma * scale
     radius = max(1, round((config.blur_kernel // 2) * scale))
@@ -317,12 +341,13 @@ class Explainer:
         self,
         image: Tensor | NDArray[np.floating],
         target: int | None = None,
-        config: PerturbationConfig = DEFAULT_CONFIG,
+        config: PerturbationConfig | None = None,
         *,
         output_size: tuple[int, int] | None = None,
     ) -> Explanation:
         """Attribution map of the ``target`` class for ``image``; see :func:`explain`."""
         start = time.perf_counter()
+        config = PerturbationConfig() if config is None else config
         if not isinstance(config, PerturbationConfig):
             raise TypeError(f"config must be a PerturbationConfig, not {type(config).__name__}")
         batch = _as_batch(image).to(self.device)
@@ -353,16 +378,17 @@ def explain(
     network: nn.Module,
     image: Tensor | NDArray[np.floating],
     target: int | None = None,
-    config: PerturbationConfig = DEFAULT_CONFIG,
+    config: PerturbationConfig | None = None,
     *,
     output_size: tuple[int, int] | None = None,
 ) -> Explanation:
     """Attribution map of ``network``'s ``target`` class for ``image`` (meaningful perturbation).
 
     ``image`` is the model input, ``1 x H x W`` or ``1 x 1 x H x W`` in [0, 1];
-    ``target`` defaults to the predicted class; ``output_size`` (H, W) of the heatmap defaults to
-    the image's.  ``network`` is not modified (a private copy runs, in eval mode).  For many
-    images build one :class:`Explainer` instead.  Raises ``ValueError``/``TypeError`` on bad input.
+    ``target`` defaults to the predicted class; ``config`` to the paper's setting (the
+    ``default`` preset); ``output_size`` (H, W) of the heatmap defaults to the image's.
+    ``network`` is not modified (a private copy runs, in eval mode).  For many images build one
+    :class:`Explainer` instead.  Raises ``ValueError``/``TypeError`` on bad input.
     """
     return Explainer(network).explain(image, target, config, output_size=output_size)
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .classes import CLASS_NAMES
+
 if TYPE_CHECKING:
     from monai.data import Dataset as MonaiDataset
 
@@ -42,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 Item = dict[str, Any]
 
-CLASS_NAMES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
 # Newer COVIDx releases (v8 and later) are binary: COVID-19 positive or negative.
 BINARY_LABELS: tuple[str, ...] = ("positive", "negative")
 # Phantom lesion masks sit beside their image as "<stem>_mask.png"; readers skip them.

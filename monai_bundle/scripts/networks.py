@@ -1,4 +1,4 @@
-"""CoroNet networks: the Feature Pyramid AutoEncoder (FPAE), the residual tensor and the classifier.
+"""CoroNet: two FPAEs, the residual tensor and the classifier; weights in and out.
 
 Layout of the whole model (paper sections 2 and 3.2)::
 
@@ -6,193 +6,52 @@ Layout of the whole model (paper sections 2 and 3.2)::
      |-- fpae_healthy   --> F_H(x) --+
      |-- fpae_pneumonia --> F_P(x) --+--> residual tensor (B x 3 x H x W, eq. 5-7)
                                                  |
-                                           classifier (ResNet-18, 512 -> 3) --> logits (B x 3)
+                                           classifier (ResNet-18, 512 -> K) --> logits (B x K)
 
-Parameter and buffer names follow the authors' released FPAE checkpoints and torchvision's
-ResNet-18, so those ``state_dict`` files load with ``strict=True``.
-
-Input sizes: the FPAE accepts any ``H x W``.  The pyramid convolution ``down`` (stride 2,
-padding 1) gives levels of ``ceil(H / 2**k)``; each coarse level is upsampled one octave at a
-time to the exact size of the next finer level.  When ``H`` and ``W`` are multiples of 8 this is
-the same as upsampling by a factor of 2, as in the reference; otherwise nothing is padded or
-cropped.  The latent is ``8 x ceil(H / 8) x ceil(W / 8)``.  The four levels are concatenated in
-the order full, /2, /4, /8 (the reference does not state the order; it fixes which input
-channels of ``conv_smooth1`` belong to which level).
-
-Inference: in eval mode, when no gradient is needed, :meth:`FPAE.reconstruct` runs a folded path
-(BatchNorm folded into the next convolution with an exact border correction, transposed
-convolutions as plain convolutions, and on CPU oneDNN's fused conv+add+ReLU).  It computes the same
-function as :meth:`FPAE.forward` up to float rounding; ``state_dict`` names are untouched.
+The FPAE is :mod:`scripts.fpae`; at inference its reconstructions take the folded path of
+:mod:`scripts.folded`.  Parameter and buffer names follow the authors' released FPAE
+checkpoints and torchvision's ResNet-18, so those ``state_dict`` files load with ``strict=True``.
+The number of classes K comes from the bundle config (:mod:`scripts.classes`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import resnet18
 from torch import Tensor, nn
 
+from . import folded
+from .classes import NUM_CLASSES
+from .fpae import FPAE, FPAE_NUM_PARAMETERS, FPAE_NUM_STATE_KEYS, autoencoder_loss
+
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
-NUM_CLASSES = len(CLASS_NAMES)
-FPAE_NUM_PARAMETERS = 53_659
-FPAE_NUM_STATE_KEYS = 76
+__all__ = [
+    "CORONET_NUM_PARAMETERS",
+    "FPAE",
+    "FPAE_NUM_PARAMETERS",
+    "FPAE_NUM_STATE_KEYS",
+    "CoroNet",
+    "CoroNetOutput",
+    "autoencoder_loss",
+    "build_classifier",
+    "count_parameters",
+    "load_classifier_weights",
+    "load_coronet_weights",
+    "load_fpae_weights",
+    "residual_tensor",
+]
+
 CORONET_NUM_PARAMETERS = 11_285_369
 IMAGENET_NUM_CLASSES = 1000
-PYRAMID_LEVELS = 4  # full resolution, /2, /4, /8
-
-# (in, out) channels.  Encoder convs conv1..conv7; decoder convtrans1..convtrans7.
-_ENCODER_CHANNELS: tuple[int, ...] = (1, 8, 16, 32, 24, 16, 12, 8)
-_PYRAMID_CHANNELS = 32
-_SMOOTH_CHANNELS: tuple[int, ...] = (_PYRAMID_CHANNELS, 16, 8, 8)
-_DECODER_CHANNELS: tuple[int, ...] = (8, 12, 16, 24, 32, 16, 8, 1)
 _FC_KEYS = ("fc.weight", "fc.bias")
 _NUM_BATCHES_TRACKED = "num_batches_tracked"
 _CHECKPOINT_WRAPPER_KEYS = ("state_dict", "model", "network")
-
-
-def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=True)
-
-
-class FPAE(nn.Module):
-    """Feature Pyramid AutoEncoder, one per class (Healthy, non-COVID pneumonia).
-
-    Blocks are conv -> ReLU -> BatchNorm.  ``forward`` returns ``(reconstruction, latent)``, the
-    latent being the ``bn7`` output of the coarsest (/8) pyramid level.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        ch = _ENCODER_CHANNELS
-        self.bn0 = nn.BatchNorm2d(ch[0])
-        self.conv1, self.bn1 = _conv3x3(ch[0], ch[1]), nn.BatchNorm2d(ch[1])
-        self.conv2, self.bn2 = _conv3x3(ch[1], ch[2]), nn.BatchNorm2d(ch[2])
-        self.conv3, self.bn3 = _conv3x3(ch[2], ch[3]), nn.BatchNorm2d(ch[3])
-        self.down = _conv3x3(ch[3], ch[3], stride=2)
-        self.conv4, self.bn4 = _conv3x3(ch[3], ch[4]), nn.BatchNorm2d(ch[4])
-        self.conv5, self.bn5 = _conv3x3(ch[4], ch[5]), nn.BatchNorm2d(ch[5])
-        self.conv6, self.bn6 = _conv3x3(ch[5], ch[6]), nn.BatchNorm2d(ch[6])
-        self.conv7, self.bn7 = _conv3x3(ch[6], ch[7]), nn.BatchNorm2d(ch[7])
-        sm = _SMOOTH_CHANNELS
-        self.conv_smooth1 = _conv3x3(sm[0], sm[1])
-        self.conv_smooth2 = _conv3x3(sm[1], sm[2])
-        self.conv_smooth3 = _conv3x3(sm[2], sm[3])
-        dc = _DECODER_CHANNELS
-        self.convtrans1 = nn.ConvTranspose2d(dc[0], dc[1], kernel_size=3, stride=1, padding=1)
-        self.convtrans2 = nn.ConvTranspose2d(dc[1], dc[2], kernel_size=3, stride=1, padding=1)
-        self.convtrans3 = nn.ConvTranspose2d(dc[2], dc[3], kernel_size=3, stride=1, padding=1)
-        self.convtrans4 = nn.ConvTranspose2d(dc[3], dc[4], kernel_size=3, stride=1, padding=1)
-        self.convtrans5 = nn.ConvTranspose2d(dc[4], dc[5], kernel_size=3, stride=1, padding=1)
-        self.convtrans6 = nn.ConvTranspose2d(dc[5], dc[6], kernel_size=3, stride=1, padding=1)
-        self.convtrans7 = nn.ConvTranspose2d(dc[6], dc[7], kernel_size=3, stride=1, padding=1)
-
-    @staticmethod
-    def _block(conv: nn.Module, bn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-        """conv -> ReLU -> BN; returns (pre-activation, block output)."""
-        pre = conv(x)
-        return pre, bn(F.relu(pre))
-
-    def _stem(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        _check_input(x)
-        h = self.bn0(x)
-        pre: list[Tensor] = []
-        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
-            p, h = self._block(conv, bn, h)
-            pre.append(p)
-        return h, pre
-
-    def _branch(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Shared conv4..conv7 branch; returns (bn7 output, pre-activations of conv4..conv6)."""
-        pre: list[Tensor] = []
-        for conv, bn in (
-            (self.conv4, self.bn4),
-            (self.conv5, self.bn5),
-            (self.conv6, self.bn6),
-            (self.conv7, self.bn7),
-        ):
-            p, x = self._block(conv, bn, x)
-            pre.append(p)
-        return x, pre[:3]
-
-    def _pyramid(self, h: Tensor) -> list[Tensor]:
-        levels = [h]
-        for _ in range(PYRAMID_LEVELS - 1):
-            levels.append(self.down(levels[-1]))
-        return levels
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Latent z(x): the ``bn7`` output of the /8 level (eq. 4), ``B x 8 x H/8 x W/8``."""
-        h, _ = self._stem(x)
-        coarsest = self._pyramid(h)[-1]
-        z, _ = self._branch(coarsest)
-        return z
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(reconstruction in (0, 1), latent)`` for ``x`` of shape ``B x 1 x H x W``."""
-        h, stem_pre = self._stem(x)
-        levels = self._pyramid(h)
-        sizes = [lvl.shape[-2:] for lvl in levels]
-        merged: list[Tensor] = []
-        branch_pre: list[Tensor] = []
-        latent = h
-        for index, level in enumerate(levels):
-            out, pre = self._branch(level)
-            if index == 0:
-                branch_pre = pre
-            latent = out
-            for finer in range(index - 1, -1, -1):  # one octave at a time
-                out = _upsample(out, sizes[finer])
-            merged.append(out)
-        m = torch.cat(merged, dim=1)
-        m = self.conv_smooth3(self.conv_smooth2(self.conv_smooth1(m)))
-        skips = (*reversed(branch_pre), *reversed(stem_pre))  # conv6, conv5, ..., conv1
-        decoder = (
-            self.convtrans1,
-            self.convtrans2,
-            self.convtrans3,
-            self.convtrans4,
-            self.convtrans5,
-            self.convtrans6,
-        )
-        for convtrans, skip in zip(decoder, skips, strict=True):
-            m = F.relu(convtrans(m) + skip)
-        recon = torch.sigmoid(self.convtrans7(m) + x)
-        return recon, latent
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Reconstruction only; uses the folded inference path when no gradient is needed."""
-        if _can_fold(self, x):
-            return _FoldedFPAE.from_fpae(self)(x)
-        recon, _ = self(x)
-        return recon
-
-
-def _check_input(x: Tensor) -> None:
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"FPAE expects a B x 1 x H x W tensor, got shape {tuple(x.shape)}")
-
-
-def _upsample(x: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def autoencoder_loss(model: FPAE, x: Tensor, lam: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Eq. 3-4 as implemented: ``MSE(F(x), x) + lam * MSE(z(x), z(F(x)))``.
-
-    Both encoder passes carry gradients.  Returns ``(total, reconstruction term, latent term)``.
-    """
-    recon, z_x = model(x)
-    recon_term = F.mse_loss(recon, x)
-    latent_term = F.mse_loss(z_x, model.encode(recon))
-    return recon_term + lam * latent_term, recon_term, latent_term
 
 
 def residual_tensor(x: Tensor, recon_h: Tensor, recon_p: Tensor) -> Tensor:
@@ -314,8 +173,8 @@ class CoroNet(nn.Module):
 
     def forward_with_intermediates(self, x: Tensor) -> CoroNetOutput:
         """Return logits, residual tensor and both reconstructions for ``x`` (B x 1 x H x W)."""
-        recon_h = self.fpae_healthy.reconstruct(x)
-        recon_p = self.fpae_pneumonia.reconstruct(x)
+        recon_h = folded.reconstruct(self.fpae_healthy, x)
+        recon_p = folded.reconstruct(self.fpae_pneumonia, x)
         residual = residual_tensor(x, recon_h, recon_p)
         if residual.device.type == "cpu":
             residual = residual.contiguous(memory_format=torch.channels_last)
@@ -323,8 +182,8 @@ class CoroNet(nn.Module):
 
     def residuals(self, x: Tensor) -> Tensor:
         """The residual tensor (eq. 5-7) fed to the classifier, ``B x 3 x H x W``."""
-        recon_h = self.fpae_healthy.reconstruct(x)
-        recon_p = self.fpae_pneumonia.reconstruct(x)
+        recon_h = folded.reconstruct(self.fpae_healthy, x)
+        recon_p = folded.reconstruct(self.fpae_pneumonia, x)
         return residual_tensor(x, recon_h, recon_p)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -408,233 +267,3 @@ def _as_model_dtypes(
 ) -> dict[str, Tensor]:
     """Cast each tensor to the dtype of the model's tensor of the same name (fp16 -> fp32)."""
     return {k: v.to(dtype=expected[k].dtype) for k, v in state.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Folded FPAE inference path
-# --------------------------------------------------------------------------------------------
-
-
-def _mkldnn_fusion_available() -> bool:
-    ops = getattr(torch.ops, "mkldnn", None)
-    try:
-        return (
-            ops is not None
-            and hasattr(ops, "_convolution_pointwise_")
-            and bool(torch.backends.mkldnn.is_available())
-        )
-    except (AttributeError, RuntimeError):  # op namespace missing in this build
-        return False
-
-
-_MKLDNN_FUSION = _mkldnn_fusion_available()
-
-
-def _can_fold(fpae: FPAE, x: Tensor) -> bool:
-    """The folded path gives no gradients and needs BN running statistics (eval mode)."""
-    if fpae.training:
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    return not x.requires_grad and not any(p.requires_grad for p in fpae.parameters())
-
-
-def _use_mkldnn(x: Tensor) -> bool:
-    return _MKLDNN_FUSION and x.device.type == "cpu" and x.dtype == torch.float32
-
-
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm as ``scale * x + shift`` per channel."""
-    assert bn.running_var is not None and bn.running_mean is not None
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
-
-
-@dataclass(frozen=True)
-class _FoldedConv:
-    """A 3x3, padding-1 conv whose input affine (an eval BatchNorm) is folded into it.
-
-    ``conv(scale * h + shift)`` with zero padding equals ``conv'(h)`` plus a correction on the
-    first/last output rows and columns, where the padded taps would have seen ``shift``.
-    ``edge`` holds ``sum_i W[o, i, ky, kx] * shift[i]`` (``C_out x 3 x 3``) for that correction.
-    """
-
-    weight: Tensor
-    bias: Tensor
-    stride: int
-    edge: Tensor | None
-
-    @classmethod
-    def build(
-        cls,
-        weight: Tensor,
-        bias: Tensor,
-        stride: int = 1,
-        affine: tuple[Tensor, Tensor] | None = None,
-    ) -> _FoldedConv:
-        edge = None
-        if affine is not None:
-            scale, shift = affine
-            edge = (weight * shift[None, :, None, None]).sum(dim=1)
-            bias = bias + edge.sum(dim=(1, 2))
-            weight = weight * scale[None, :, None, None]
-        weight = weight.contiguous(memory_format=torch.channels_last)
-        return cls(weight, bias.contiguous(), stride, edge)
-
-    def _fix_edges(self, out: Tensor, in_h: int, in_w: int) -> Tensor:
-        if self.edge is None:
-            return out
-        edge = self.edge
-        out_h, out_w = out.shape[-2:]
-        # (output index, kernel tap) pairs whose tap falls in the zero padding.
-        rows = [(0, 0)] + ([(out_h - 1, 2)] if (out_h - 1) * self.stride + 1 > in_h - 1 else [])
-        cols = [(0, 0)] + ([(out_w - 1, 2)] if (out_w - 1) * self.stride + 1 > in_w - 1 else [])
-        for y, ky in rows:
-            out[:, :, y, :] -= edge[:, ky, :].sum(dim=-1)[None, :, None]
-        for x, kx in cols:
-            out[:, :, :, x] -= edge[:, :, kx].sum(dim=-1)[None, :, None]
-        for y, ky in rows:
-            for x, kx in cols:
-                out[:, :, y, x] += edge[None, :, ky, kx]
-        return out
-
-    def __call__(self, x: Tensor, relu: bool = False) -> Tensor:
-        if relu and self.edge is None and _use_mkldnn(x):
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, self.bias, [1, 1], [self.stride] * 2, [1, 1], 1, "relu", [], ""
-            )
-        out = F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=1)
-        out = self._fix_edges(out, x.shape[-2], x.shape[-1])
-        return out.relu_() if relu else out
-
-    def add_(self, x: Tensor, other: Tensor) -> Tensor:
-        """``other + conv(x)``, written into ``other``."""
-        if _use_mkldnn(x):
-            torch.ops.mkldnn._convolution_pointwise_(
-                other, x, self.weight, self.bias, [1, 1], [self.stride] * 2, [1, 1], 1, "add",
-                None, None, [], None,
-            )  # fmt: skip
-        else:
-            other.add_(F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=1))
-        return self._fix_edges(other, x.shape[-2], x.shape[-1])
-
-    def add_relu_(self, x: Tensor, other: Tensor) -> Tensor:
-        """``relu(conv(x) + other)``, written into ``other``."""
-        assert self.edge is None
-        if _use_mkldnn(x):
-            return torch.ops.mkldnn._convolution_pointwise_(
-                other, x, self.weight, self.bias, [1, 1], [1, 1], [1, 1], 1, "add", None, "relu",
-                [], "",
-            )  # fmt: skip
-        return other.add_(F.conv2d(x, self.weight, self.bias, padding=1)).relu_()
-
-
-def _transposed_as_conv(convtrans: nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
-    """A stride-1, padding-1 transposed conv is a conv with a flipped kernel, in/out swapped."""
-    assert convtrans.bias is not None
-    return convtrans.weight.flip(2, 3).transpose(0, 1), convtrans.bias
-
-
-@dataclass(frozen=True)
-class _FoldedFPAE:
-    """Eval-mode FPAE reconstruction with BatchNorm folded into the following convolutions."""
-
-    stem: tuple[_FoldedConv, _FoldedConv, _FoldedConv]
-    down_first: _FoldedConv
-    down: _FoldedConv
-    conv4_full: _FoldedConv
-    conv4: _FoldedConv
-    branch: tuple[_FoldedConv, _FoldedConv, _FoldedConv]  # conv5, conv6, conv7
-    smooth1_full: _FoldedConv  # conv_smooth1 on the full-resolution level's 8 channels
-    smooth1_coarse: _FoldedConv  # conv_smooth1 on the 24 upsampled coarse channels
-    smooth: tuple[_FoldedConv, _FoldedConv]  # conv_smooth2, conv_smooth3
-    decoder: tuple[_FoldedConv, ...]  # convtrans1..7 as convs
-
-    @classmethod
-    @torch.no_grad()
-    def from_fpae(cls, m: FPAE) -> _FoldedFPAE:
-        bn = [_bn_affine(b) for b in (m.bn0, m.bn1, m.bn2, m.bn3, m.bn4, m.bn5, m.bn6, m.bn7)]
-
-        def fold(conv: nn.Conv2d, affine: tuple[Tensor, Tensor] | None) -> _FoldedConv:
-            assert conv.bias is not None
-            return _FoldedConv.build(conv.weight, conv.bias, conv.stride[0], affine)
-
-        scale7, shift7 = bn[7]
-        coarse = PYRAMID_LEVELS - 1
-        width = scale7.numel()
-        smooth1 = m.conv_smooth1
-        assert smooth1.bias is not None
-        return cls(
-            stem=(fold(m.conv1, bn[0]), fold(m.conv2, bn[1]), fold(m.conv3, bn[2])),
-            down_first=fold(m.down, bn[3]),
-            down=fold(m.down, None),
-            conv4_full=fold(m.conv4, bn[3]),
-            conv4=fold(m.conv4, None),
-            branch=(fold(m.conv5, bn[4]), fold(m.conv6, bn[5]), fold(m.conv7, bn[6])),
-            # bn7 commutes with bilinear upsampling (weights sum to 1), so it folds here.
-            # conv_smooth1 is split by input channels, which saves concatenating 32 channels.
-            smooth1_full=_FoldedConv.build(
-                smooth1.weight[:, :width], smooth1.bias, 1, (scale7, shift7)
-            ),
-            smooth1_coarse=_FoldedConv.build(
-                smooth1.weight[:, width:],
-                torch.zeros_like(smooth1.bias),
-                1,
-                (scale7.repeat(coarse), shift7.repeat(coarse)),
-            ),
-            smooth=(fold(m.conv_smooth2, None), fold(m.conv_smooth3, None)),
-            decoder=tuple(
-                _FoldedConv.build(*_transposed_as_conv(ct))
-                for ct in (
-                    m.convtrans1,
-                    m.convtrans2,
-                    m.convtrans3,
-                    m.convtrans4,
-                    m.convtrans5,
-                    m.convtrans6,
-                    m.convtrans7,
-                )
-            ),
-        )
-
-    def _coarse_branch(self, level: Tensor) -> Tensor:
-        """conv4..conv7 on a pyramid level, ReLU'd; bn7 is applied later (in conv_smooth1)."""
-        h = self.conv4(level, relu=True)
-        for conv in self.branch:
-            h = conv(h, relu=True)
-        return h
-
-    def __call__(self, x: Tensor) -> Tensor:
-        _check_input(x)
-        if x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        conv1, conv2, conv3 = self.stem
-        p1 = conv1(x)
-        p2 = conv2(p1.relu())
-        p3 = conv3(p2.relu())
-        r3 = p3.relu()
-        conv5, conv6, conv7 = self.branch
-        p4 = self.conv4_full(r3)
-        p5 = conv5(p4.relu())
-        p6 = conv6(p5.relu())
-        full = conv7(p6.relu(), relu=True)
-        # Coarse levels merged coarse-to-fine: upsampling is per channel, so concatenating
-        # before each octave gives the same maps as upsampling each level on its own.
-        half = self.down_first(r3)
-        quarter = self.down(half)
-        coarse = self._coarse_branch(self.down(quarter))
-        for level in (quarter, half):
-            coarse = _upsample(coarse, level.shape[-2:])
-            coarse = torch.cat([self._coarse_branch(level), coarse], dim=1)
-        coarse = _upsample(coarse, x.shape[-2:])
-        m = self.smooth1_coarse.add_(coarse, self.smooth1_full(full))
-        for conv in self.smooth:
-            m = conv(m)
-        for conv, skip in zip(self.decoder[:-1], (p6, p5, p4, p3, p2, p1), strict=True):
-            m = conv.add_relu_(m, skip)
-        return torch.sigmoid_(self.decoder[-1](m).add_(x))

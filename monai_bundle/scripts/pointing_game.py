@@ -29,15 +29,15 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
-from .attribution import DEFAULT_CONFIG, FAST_CONFIG, PerturbationConfig, explain
-from .networks import CLASS_NAMES, CoroNet, load_coronet_weights
+from .attribution import PerturbationConfig, explain, load_presets
+from .classes import CLASS_NAMES, LESION_CLASSES
+from .networks import CoroNet, load_coronet_weights
 from .phantoms import Phantom, make_phantom
 from .preprocessing import resize_image
 
 logger = logging.getLogger(__name__)
 
-MODES: dict[str, PerturbationConfig] = {"default": DEFAULT_CONFIG, "fast": FAST_CONFIG}
-LESION_CLASSES: tuple[str, ...] = ("pneumonia", "COVID-19")
+MODES: dict[str, PerturbationConfig] = load_presets()
 #: Phantom seeds start here, well away from the seeds a training run is likely to use.
 DEFAULT_SEED_OFFSET = 100_000
 #: Default tolerance: 1.5 % of the image side (2 px at 128 px, 4 px at 256 px).

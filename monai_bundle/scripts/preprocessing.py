@@ -59,8 +59,8 @@ __all__ = [
     "InvalidImageError",
     "LoadRadiograph",
     "LoadRadiographd",
-    "check_chest_radiograph",
     "covidnet_crop",
+    "image_header_problems",
     "is_dicom_file",
     "load_dicom_image",
     "load_image",
@@ -94,12 +94,6 @@ COLOUR_PIXEL_FRACTION = 0.005
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 # COVID-Net pre-processing: drop the top 8 % of rows (burned-in text), then a central square.
 COVIDNET_TOP_FRACTION = 0.08
-# check_chest_radiograph: Modality (PS3.3 C.7.3.1.1.1), Body Part Examined (PS3.16 Annex L;
-# THORAX and LUNG are common vendor spellings), View Position (PS3.3 C.8.11.5.1.1).
-CHEST_MODALITIES = ("CR", "DX")
-CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
-FRONTAL_VIEW_POSITIONS = ("PA", "AP")
-FOR_PROCESSING = "FOR PROCESSING"
 # What malformed LUT or window attributes raise inside pydicom and numpy.
 _HEADER_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError, NotImplementedError)
 
@@ -257,31 +251,20 @@ def load_dicom_image(source: Source, *, fallback_window: FallbackWindow = "minma
     return image
 
 
-def check_chest_radiograph(ds: Dataset) -> list[str]:
-    """Reasons why ``ds`` is not a frontal chest CR/DX image (empty list: it looks like one).
+def image_header_problems(ds: Dataset) -> list[str]:
+    """Why the pixel data of ``ds`` cannot be model input, from the header alone (empty list:
+    it can): one grayscale frame of a sane size.  Nothing is decoded and nothing raises.
 
-    Checks the header only (nothing is decoded and nothing raises): Modality, Presentation
-    Intent Type, Body Part Examined (when present), View Position (when present), and that the
-    pixel data is one grayscale frame.
+    Whether the image shows a frontal chest is not this bundle's call: the DICOM node applies
+    its selection rules (``dicom_node.core.chest``) before the model sees an image.
     """
-    reasons: list[str] = []
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    if modality not in CHEST_MODALITIES:
-        reasons.append(f"Modality is {modality or 'absent'!r}, expected CR or DX")
-    intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
-    if intent == FOR_PROCESSING:
-        reasons.append("DX image is FOR PROCESSING, expected FOR PRESENTATION")
-    body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
-    if body_part and body_part not in CHEST_BODY_PARTS:
-        reasons.append(f"Body Part Examined is {body_part!r}, expected CHEST")
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
-    if view and view not in FRONTAL_VIEW_POSITIONS:
-        reasons.append(f"View Position is {view!r}, expected a frontal view (PA or AP)")
     try:
         _check_header(ds)
     except InvalidImageError as err:
-        reasons.append(str(err))
-    return reasons
+        return [str(err)]
+    except (TypeError, ValueError) as err:  # e.g. Rows that is not a number
+        return [f"unusable image header: {err}"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------

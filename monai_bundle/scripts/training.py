@@ -31,9 +31,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
+from .classes import CLASS_NAMES
 from .datasets import read_class_folders, read_covidx_split, split_items
 from .metrics import evaluate_predictions
-from .networks import CLASS_NAMES, FPAE, CoroNet, autoencoder_loss, load_fpae_weights
+from .networks import FPAE, CoroNet, autoencoder_loss, build_classifier, load_fpae_weights
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,6 @@ def build_coronet(
 ) -> CoroNet:
     """A CoroNet whose FPAEs come from stage-1 checkpoints (frozen) and whose classifier
     optionally starts from a torchvision-format ImageNet state dict on local disk."""
-    from .networks import build_classifier
-
     healthy, pneumonia = FPAE(), FPAE()
     if fpae_healthy is not None:
         load_fpae_weights(healthy, fpae_healthy)

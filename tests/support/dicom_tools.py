@@ -15,8 +15,8 @@ API (all take a path to a DICOM Part 10 file):
   text dump of an SR content tree.
 
 Each raises :class:`ToolError` when the tool cannot run or fails (dciodvfy excepted: its
-findings are the result).  :func:`require_tools` gives pytest a skip reason when a tool is
-not installed (``make system-deps`` installs them).
+findings are the result), also when it is not installed: ``make test`` installs every tool, so
+a missing one is a failed set-up, never a reason to skip.
 """
 
 from __future__ import annotations
@@ -51,19 +51,6 @@ class DciodvfyReport:
 
     def __str__(self) -> str:
         return f"dciodvfy {self.path}:\n{self.output}"
-
-
-def missing_tools(names: Sequence[str]) -> list[str]:
-    """The tools among ``names`` that are not on ``PATH``."""
-    return [name for name in names if shutil.which(name) is None]
-
-
-def require_tools(*names: str) -> str | None:
-    """A skip reason naming the missing tools, or ``None`` when all are installed."""
-    missing = missing_tools(names)
-    if missing:
-        return f"not installed: {', '.join(missing)} (run `make system-deps`)"
-    return None
 
 
 def _run(argv: Sequence[str], *, check: bool) -> subprocess.CompletedProcess[str]:

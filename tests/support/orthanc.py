@@ -31,14 +31,16 @@ import contextlib
 import json
 import shutil
 import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.support.polling import wait_until
+from tests.support.ports import free_ports
+from tests.support.processes import ChildProcess
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 LOOPBACK = "127.0.0.1"
@@ -151,17 +153,6 @@ class OrthancServer:
         return self.get_bytes(f"/instances/{instance_id}/file")
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now (the OS picks them)."""
-    with contextlib.ExitStack() as stack:
-        sockets = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((LOOPBACK, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-
-
 def orthanc_config(
     workdir: Path,
     *,
@@ -248,37 +239,19 @@ def running_orthanc(
         log_path=log_path,
         credentials=credentials,
     )
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [binary, "--no-jobs", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
+    with ChildProcess(
+        [binary, "--no-jobs", f"--logfile={log_path}", str(config_path)], cwd=workdir
+    ) as proc:
+        wait_until(
+            lambda: _ready(server, proc), startup_timeout_s, "Orthanc to answer", POLL_INTERVAL_S
         )
-        try:
-            _wait_until_ready(server, proc, startup_timeout_s)
-            yield server
-        finally:
-            _stop(proc)
+        yield server
 
 
-def _wait_until_ready(
-    server: OrthancServer, proc: subprocess.Popen[bytes], timeout_s: float
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if _http_ready(server) and _port_open(server.host, server.dicom_port):
-            return
-        try:
-            # Doubles as the poll interval and as the check that Orthanc is still running.
-            code = proc.wait(timeout=POLL_INTERVAL_S)
-        except subprocess.TimeoutExpired:
-            if time.monotonic() > deadline:
-                raise OrthancError(
-                    f"Orthanc not ready after {timeout_s} s; log:\n{_tail(server.log_path)}"
-                ) from None
-            continue
-        raise OrthancError(f"Orthanc exited with {code}; log:\n{_tail(server.log_path)}")
+def _ready(server: OrthancServer, proc: ChildProcess) -> bool:
+    if not proc.alive():
+        raise OrthancError(f"Orthanc exited; output:\n{proc.text()}{_tail(server.log_path)}")
+    return _http_ready(server) and _port_open(server.host, server.dicom_port)
 
 
 def _http_ready(server: OrthancServer) -> bool:
@@ -295,17 +268,6 @@ def _port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
 
 
 def _tail(path: Path, lines: int = 40) -> str:

@@ -10,22 +10,16 @@ is polled with PING, never waited for with a fixed sleep.
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
 
 import redis
 
+from tests.support.polling import wait_until
+from tests.support.ports import free_port
+from tests.support.processes import ChildProcess
+
 REDIS_BINARY = "redis-server"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def redis_available() -> bool:
@@ -39,7 +33,7 @@ class RedisServer:
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.port = port if port is not None else free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: ChildProcess | None = None
         self._log = self.workdir / f"redis-{self.port}.log"
 
     @property
@@ -56,43 +50,25 @@ class RedisServer:
         if self.process is not None:
             raise RuntimeError("redis-server is already running")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        command = [
-            REDIS_BINARY,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.workdir),
-            "--logfile",
-            str(self._log),
-        ]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        self.process = ChildProcess(
+            [
+                *(REDIS_BINARY, "--save", "", "--appendonly", "no"),
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--dir", str(self.workdir), "--logfile", str(self._log)),
+            ]
         )
-        self._wait_ready(timeout)
+        wait_until(self._answers, timeout, "redis-server to answer PING")
         return self
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _answers(self) -> bool:
         assert self.process is not None
-        deadline = time.monotonic() + timeout
+        if not self.process.alive():
+            raise RuntimeError(f"redis-server exited early:\n{self.log_text()}")
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         try:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited early:\n{self.log_text()}")
-                try:
-                    if client.ping():
-                        return
-                except redis.exceptions.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis-server did not answer PING in {timeout} s")
-                time.sleep(0.02)
+            return bool(client.ping())
+        except redis.exceptions.ConnectionError:
+            return False
         finally:
             client.close()
 
@@ -105,16 +81,9 @@ class RedisServer:
 
     def stop(self) -> None:
         """Terminate the server and wait for it to exit."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
+        if self.process is not None:
+            self.process.stop(timeout=10)
+            self.process = None
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -1,0 +1,84 @@
+"""The ``coronet`` command: the one composition root, the only module that sees the node, the
+worker and the all-in-one stack together.
+
+Each sub-command lives in its own module (``*_cmd``) with a ``register`` function that adds it
+to the parser; a module depends only on :mod:`dicom_node.core` and on the part it drives.
+Heavy libraries (torch, MONAI) are imported inside the handlers that need them, marked
+``# heavy``, so that ``coronet --help`` and the admin commands start fast.
+
+Exit status: 0 on success, 1 when the work failed, 2 for a usage or configuration error.
+Every command is reachable as ``main([...])`` so that tests can call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dicom_node import __version__
+from dicom_node.cli import (
+    aet_cmd,
+    config_cmd,
+    demo_cmd,
+    infer_cmd,
+    node_cmd,
+    outbox_cmd,
+    run_cmd,
+    worker_cmd,
+)
+from dicom_node.cli.common import EXIT_FAILED, EXIT_USAGE, Handler, Registrar
+from dicom_node.core.errors import ConfigError, CoronetError
+from dicom_node.core.logs import configure_logging
+
+_EPILOG = """\
+Configuration precedence: --set key=value, then CORONET_SECTION__FIELD environment variables,
+then the YAML file, then built-in defaults.  Not a medical device: results are for research
+and must not be used for diagnosis.
+"""
+
+REGISTRARS: tuple[Registrar, ...] = (
+    config_cmd.register,
+    aet_cmd.register,
+    node_cmd.register,
+    worker_cmd.register,
+    infer_cmd.register,
+    outbox_cmd.register,
+    demo_cmd.register,
+    run_cmd.register,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``coronet`` parser with every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="coronet",
+        description="CoroNet DICOM node: receive chest radiographs from a PACS, run the CoroNet "
+        "model and send a DICOM SR and heatmap back.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in REGISTRARS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``coronet`` with ``argv`` (default: the process arguments); return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except CoronetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,195 @@
+"""``coronet node serve|echo|reload``: run the Storage SCP, test a destination, reload config.
+
+``serve`` writes its process id to ``<spool_dir>/node.pid``; ``reload`` sends SIGHUP to that
+process, which re-reads the configuration (same file, ``--set`` values and environment) and
+applies it without dropping open associations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from dicom_node.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_config_options,
+    settings_from_args,
+)
+from dicom_node.core.errors import CoronetError
+from dicom_node.core.logs import quiet_libraries
+from dicom_node.core.settings import Settings
+from dicom_node.scp.node import DicomNode
+from worker.delivery import echo
+
+logger = logging.getLogger(__name__)
+
+PID_FILE = "node.pid"
+
+_SERVE_EPILOG = """\
+Signals: SIGHUP reloads the configuration (callers, AE title, SOP classes, limits, selection,
+grouping, broker; a new host, port or TLS setting opens a new listener); SIGINT and SIGTERM
+stop the node.  Instances are answered Success only once they are on disk; anything spooled
+but not yet queued (e.g. while the broker is down) is queued when the broker is back, or at
+the next start.
+"""
+
+
+def pid_file(settings: Settings) -> Path:
+    """Where ``node serve`` records its process id."""
+    return settings.storage.spool_dir / PID_FILE
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim_pid_file(path: Path) -> None:
+    other = _read_pid(path)
+    if other is not None and other != os.getpid() and _alive(other):
+        raise CoronetError(f"another node (pid {other}) already serves this spool ({path})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n", encoding="ascii")
+
+
+def _release_pid_file(path: Path) -> None:
+    if _read_pid(path) == os.getpid():
+        path.unlink(missing_ok=True)
+
+
+def _node_logging(verbosity: int) -> None:
+    """Our INFO lines (one per association) always; pynetdicom's only with ``-vv``."""
+    logging.getLogger("dicom_node").setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+    if verbosity < 2:
+        quiet_libraries()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _node_logging(getattr(args, "verbose", 0))
+    settings = settings_from_args(args)
+    node = DicomNode.from_settings(settings)
+    wake = threading.Event()
+    requests: dict[str, bool] = {"stop": False, "reload": False}
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        requests["reload" if signum == signal.SIGHUP else "stop"] = True
+        wake.set()
+
+    previous = {
+        s: signal.signal(s, on_signal) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+    }
+    pid_path = pid_file(settings)
+    try:
+        _claim_pid_file(pid_path)
+        node.start()
+        host, port = node.address
+        print(
+            f"{settings.node.ae_title} listening on {host}:{port} (pid {os.getpid()})", flush=True
+        )
+        while not requests["stop"]:
+            wake.wait(1.0)
+            wake.clear()
+            if requests["reload"] and not requests["stop"]:
+                requests["reload"] = False
+                _reload(node, args)
+    finally:
+        node.stop()
+        _release_pid_file(pid_path)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_OK
+
+
+def _reload(node: DicomNode, args: argparse.Namespace) -> None:
+    try:
+        node.reload(settings_from_args(args))
+    except CoronetError as err:
+        logger.error("reload failed, keeping the previous configuration: %s", err)
+    else:
+        print("configuration reloaded", flush=True)
+
+
+def _echo(args: argparse.Namespace) -> int:
+    ok, message = echo(settings_from_args(args), args.destination, args.timeout)
+    print(message)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _signal_reload(args: argparse.Namespace) -> int:
+    path = args.pid_file or pid_file(settings_from_args(args))
+    pid = _read_pid(path)
+    if pid is None or not _alive(pid):
+        print(f"error: no running node found (pid file {path})", file=sys.stderr)
+        return EXIT_FAILED
+    os.kill(pid, signal.SIGHUP)
+    print(f"asked node pid {pid} to reload its configuration")
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``coronet node serve|echo|reload``."""
+    parser = sub.add_parser(
+        "node",
+        help="run the DICOM Storage SCP, C-ECHO a destination, reload a running node",
+        description="The DICOM side of the node: receive chest radiographs by C-STORE, store "
+        "them durably in the spool and queue them for the model.",
+    )
+    node_sub = parser.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
+
+    serve = node_sub.add_parser(
+        "serve",
+        help="run the Storage and Verification SCP until SIGINT or SIGTERM",
+        description="Listen for associations from the allowed callers, store every received\n"
+        "CR and DX instance in the spool and queue the selected ones as Celery tasks.\n"
+        "Prints the AE title and port once it listens; writes its pid to\n"
+        "<spool_dir>/node.pid for `coronet node reload`.",
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_options(serve)
+    serve.set_defaults(handler=_serve)
+
+    echo_parser = node_sub.add_parser(
+        "echo",
+        help="send a C-ECHO to a configured destination (exit 0 if it answers Success)",
+        description="Open an association with the destination DEST from the configuration "
+        "(see `coronet aet list`), send a C-ECHO and print the result.  Exit 0 on Success, 1 "
+        "otherwise.",
+    )
+    add_config_options(echo_parser)
+    echo_parser.add_argument("destination", metavar="DEST", help="destination name, e.g. demo-pacs")
+    echo_parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for each step (default 10)"
+    )
+    echo_parser.set_defaults(handler=_echo)
+
+    reload_parser = node_sub.add_parser(
+        "reload",
+        help="make a running node re-read its configuration (SIGHUP)",
+        description="Send SIGHUP to the node whose pid is in <spool_dir>/node.pid.  Use it "
+        "after `coronet aet add|remove`: new associations see the change, open ones go on.",
+    )
+    add_config_options(reload_parser)
+    reload_parser.add_argument(
+        "--pid-file", type=Path, help="pid file of the node (default: <spool_dir>/node.pid)"
+    )
+    reload_parser.set_defaults(handler=_signal_reload)

@@ -1,0 +1,224 @@
+"""``coronet worker``: run the Celery worker that analyses studies and delivers the results."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+from dicom_node.cli.common import (
+    EXIT_OK,
+    add_config_options,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    settings_from_args,
+)
+from dicom_node.core.errors import ConfigError
+from dicom_node.core.logs import quiet_libraries
+from worker.options import WorkerOptions
+
+_WORKER_EPILOG = """\
+Devices: model.device cpu or cuda:N is used by every pool process.  With auto, a host with G
+GPUs gets G processes by default, process i pinned to cuda:(i mod G); without a GPU, the CPU
+is used and the cores are shared between the processes (torch threads = cores / concurrency).
+On a host whose cores are also busy with other work, set OMP_WAIT_POLICY=PASSIVE: waiting
+OpenMP threads then sleep instead of spinning.  Measured on 2 cores (docs/benchmarks.md): one
+heatmap of 60 steps alone takes 7.2 s with the default and 12.7 s with PASSIVE; two at once
+take 29.5 s each with the default and 11.5 s each with PASSIVE.
+
+Delivery: messages are acknowledged only after the task finished (acks_late), so a worker
+killed mid-task gets its study again, from the broker after --visibility-timeout.  A message
+started more than --max-redeliveries + 1 times is dead-lettered.  Unavailable destinations are
+retried --max-retries times with exponential backoff and jitter; then the results are
+dead-lettered in the outbox (see `coronet outbox list` and `coronet outbox retry`).
+
+The worker and the node must see the same spool folder (storage.spool_dir); on separate hosts
+put it on shared storage.
+"""
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``coronet worker``."""
+    defaults = WorkerOptions()
+    parser.add_argument(
+        "--concurrency",
+        type=positive_int,
+        metavar="N",
+        help="pool processes (default: one per GPU with model.device auto, else 1)",
+    )
+    parser.add_argument(
+        "--queue", metavar="Q", help="queue to consume (default: broker.queue from the config)"
+    )
+    parser.add_argument(
+        "--pool",
+        choices=["prefork", "solo"],
+        default=defaults.pool,
+        help="prefork: processes that are replaced when they die (default); solo: in-process",
+    )
+    parser.add_argument(
+        "--heatmap",
+        choices=["fast", "full", "off"],
+        default=defaults.heatmap,
+        help="attribution map: fast (40 steps, default), full (the paper's 300 steps, "
+        "slow on CPU) or off (no SC)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=positive_float,
+        default=defaults.time_limit,
+        metavar="S",
+        help=f"hard time limit per task in seconds (default {defaults.time_limit:g}; the soft "
+        "limit is 60 s less, or 90%% for short limits)",
+    )
+    parser.add_argument(
+        "--visibility-timeout",
+        type=positive_float,
+        metavar="S",
+        help="seconds before the broker hands an unacknowledged message to another worker "
+        f"(default {defaults.visibility_timeout:g}; must exceed the time limit and the "
+        "longest retry countdown)",
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=non_negative_int,
+        default=defaults.max_retries,
+        metavar="N",
+        help=f"delivery retries before dead-lettering (default {defaults.max_retries})",
+    )
+    parser.add_argument(
+        "--retry-backoff",
+        type=positive_float,
+        default=defaults.retry_backoff,
+        metavar="S",
+        help=f"first retry countdown, doubled each time (default {defaults.retry_backoff:g})",
+    )
+    parser.add_argument(
+        "--retry-backoff-max",
+        type=positive_float,
+        default=defaults.retry_backoff_max,
+        metavar="S",
+        help=f"longest retry countdown (default {defaults.retry_backoff_max:g})",
+    )
+    parser.add_argument(
+        "--max-redeliveries",
+        type=non_negative_int,
+        default=defaults.max_redeliveries,
+        metavar="N",
+        help="times a message may be redelivered after its worker was lost "
+        f"(default {defaults.max_redeliveries})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="torch CPU threads per process (default: the cores divided by --concurrency)",
+    )
+    parser.add_argument(
+        "--hostname", metavar="NAME", help="Celery node name (default coronet-<pid>@<host>)"
+    )
+    parser.add_argument(
+        "--loglevel",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level of the worker (default INFO: one line per study)",
+    )
+
+
+BUNDLE_FILES = (Path("configs/inference.json"), Path("configs/metadata.json"))
+
+
+def check_bundle(bundle_dir: Path) -> None:
+    """Fail at start, not at the first task, when the MONAI bundle or its weights are missing."""
+    missing = [str(bundle_dir / f) for f in BUNDLE_FILES if not (bundle_dir / f).is_file()]
+    if missing:
+        raise ConfigError(
+            f"model.bundle_dir {bundle_dir} is not a CoroNet bundle: missing {', '.join(missing)}",
+            [("model.bundle_dir", "not a bundle")],
+        )
+    if not any((bundle_dir / "models").glob("*.pt")):
+        raise ConfigError(
+            f"no weights in {bundle_dir / 'models'} (the demo weights are models/model.pt)",
+            [("model.bundle_dir", "no weights")],
+        )
+
+
+def worker_options(args: argparse.Namespace, device: str, gpu_count: int) -> WorkerOptions:
+    """:class:`~worker.options.WorkerOptions` from parsed arguments (``gpu_count``: GPUs seen)."""
+    gpu_count = gpu_count if device == "auto" else 0
+    concurrency = args.concurrency or (gpu_count if device == "auto" and gpu_count else 1)
+    time_limit = float(args.time_limit)
+    soft = time_limit - 60.0 if time_limit > 120 else time_limit * 0.9
+    visibility = args.visibility_timeout or max(
+        WorkerOptions().visibility_timeout, 2 * time_limit, 2 * args.retry_backoff_max
+    )
+    return WorkerOptions(
+        concurrency=concurrency,
+        pool=args.pool,
+        queue=args.queue,
+        heatmap=args.heatmap,
+        soft_time_limit=soft,
+        time_limit=time_limit,
+        visibility_timeout=visibility,
+        max_retries=args.max_retries,
+        retry_backoff=args.retry_backoff,
+        retry_backoff_max=args.retry_backoff_max,
+        max_redeliveries=args.max_redeliveries,
+        gpu_count=gpu_count,
+        threads=args.threads,
+    )
+
+
+def _worker(args: argparse.Namespace) -> int:
+    # heavy: the Celery app loads torch and MONAI; imported here so `coronet --help` stays fast
+    from worker.celery_app import make_app
+    from worker.runtime import detect_gpus
+
+    settings = settings_from_args(args)
+    check_bundle(settings.model.bundle_dir)
+    gpus = detect_gpus() if settings.model.device == "auto" else 0
+    options = worker_options(args, settings.model.device, gpus)
+    quiet_libraries()
+    app = make_app(settings, options)
+    queue = options.queue or settings.broker.queue
+    hostname = args.hostname or f"coronet-{os.getpid()}@{socket.gethostname()}"
+    print(
+        f"worker {hostname}: queue {queue}, {options.concurrency} x {options.pool}, "
+        f"device {settings.model.device}"
+        + (f" ({options.gpu_count} GPUs)" if options.gpu_count else "")
+        + f", heatmap {options.heatmap}, destinations "
+        + (", ".join(d.name for d in settings.destinations) or "none"),
+        flush=True,
+    )
+    argv = [
+        "--quiet",  # no banner: the line above says what runs
+        "worker",
+        f"--loglevel={args.loglevel}",
+        f"--queues={queue}",
+        f"--concurrency={options.concurrency}",
+        f"--pool={options.pool}",
+        f"--hostname={hostname}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    app.worker_main(argv)
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``coronet worker``."""
+    parser = sub.add_parser(
+        "worker",
+        help="run the Celery worker: model, heatmap, SR and SC, delivery to the PACS",
+        description="Consume coronet.process_study tasks from the broker (broker.url), analyse "
+        "the spooled chest radiographs with the CoroNet bundle (model.bundle_dir on "
+        "model.device), write the DICOM SR and the heatmap Secondary Capture to the outbox "
+        "(storage.outbox_dir) and C-STORE them to every destination.  Stops on SIGINT/SIGTERM "
+        "after the running tasks (a second signal stops at once).",
+        epilog=_WORKER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_options(parser)
+    add_worker_options(parser)
+    parser.set_defaults(handler=_worker)

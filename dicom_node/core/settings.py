@@ -1,0 +1,385 @@
+"""Typed settings of the CoroNet node, loaded from one YAML file.
+
+Precedence, highest first: ``--set key=value`` on the command line, ``CORONET_*``
+environment variables, the YAML file, then the defaults below.
+
+An environment variable names a field path with ``__`` between levels, e.g.
+``CORONET_NODE__PORT=11113`` or ``CORONET_BROKER__URL=redis://127.0.0.1:6380/0``.
+Values given on the command line or in the environment are parsed as YAML scalars or flow
+collections, so ``--set node.port=11113`` is an integer and ``--set selection.modalities=[CR]``
+a list.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dicom_node.core.errors import ConfigError
+
+ENV_PREFIX = "CORONET_"
+DEFAULT_CONFIG = Path("configs/node.yaml")
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def validate_ae_title(value: str) -> str:
+    """Check an Application Entity title against the AE value representation (PS3.5 6.2).
+
+    At most 16 characters of the default repertoire, no backslash, no control characters and not
+    only spaces.  Leading and trailing spaces are not significant, so they are removed.
+    """
+    if not isinstance(value, str):
+        raise ValueError("an AE title must be a string")
+    if _CONTROL_CHARS.search(value):
+        raise ValueError("an AE title must not contain control characters (PS3.5 6.2)")
+    if "\\" in value:
+        raise ValueError("an AE title must not contain a backslash (PS3.5 6.2)")
+    if not value.isascii():
+        raise ValueError("an AE title must use the default character repertoire (PS3.5 6.2)")
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ValueError("an AE title must not be empty or all spaces (PS3.5 6.2)")
+    if len(stripped) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, got {len(stripped)} (PS3.5 6.2)")
+    return stripped
+
+
+def _validate_host(value: str) -> str:
+    value = value.strip()
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.match(value):
+            raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
+    return value
+
+
+def _validate_uid(value: str) -> str:
+    if len(value) > 64 or not _UID.match(value):
+        raise ValueError(f"{value!r} is not a valid DICOM UID (PS3.5 9.1)")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(validate_ae_title)]
+Host = Annotated[str, AfterValidator(_validate_host)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+UID = Annotated[str, AfterValidator(_validate_uid)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Model):
+    """TLS for a listener or a destination (PS3.15 B.9: TLS 1.2 at minimum)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file to verify client certificates")
+        return self
+
+
+class Timeouts(_Model):
+    """Association timeouts in seconds (pynetdicom's ACSE, DIMSE and network timeouts)."""
+
+    acse: float = Field(30.0, gt=0)
+    dimse: float = Field(60.0, gt=0)
+    network: float = Field(60.0, gt=0)
+
+
+class NodeSettings(_Model):
+    """Our own Application Entity: the Storage SCP that the PACS sends to."""
+
+    ae_title: AETitle = "CORONET"
+    host: Host = "127.0.0.1"
+    port: Port = 11112
+    max_associations: int = Field(10, ge=1, le=1000)
+    timeouts: Timeouts = Timeouts()
+    tls: TLSSettings | None = None
+    extra_sop_classes: list[UID] = Field(
+        default_factory=list,
+        description="Storage SOP Class UIDs accepted besides CR and DX, e.g. a CT for tests.",
+    )
+    accept_deflate: bool = False
+
+
+class Caller(_Model):
+    """A calling AE allowed to associate with the node; ``host`` restricts its address."""
+
+    ae_title: AETitle
+    host: Host | None = None
+
+
+class Destination(_Model):
+    """A Storage SCP (usually the PACS) that receives our SR and SC results."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: Host
+    port: Port
+    tls: TLSSettings | None = None
+
+
+class StorageSettings(_Model):
+    """Folders for received instances (spool) and results waiting for delivery (outbox)."""
+
+    spool_dir: Path = Path("var/spool")
+    outbox_dir: Path = Path("var/outbox")
+
+
+class BrokerSettings(_Model):
+    """The Celery broker (Redis) and the queue that the node posts studies to."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss)://")
+    queue: str = Field("coronet", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class ModelSettings(_Model):
+    """Where the MONAI bundle is and which device runs it."""
+
+    bundle_dir: Path = Path("monai_bundle")
+    device: str = Field("auto", description="auto, cpu or cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu or cuda:N, got {value!r}")
+        return value
+
+
+#: Modalities of chest radiographs: Computed Radiography and Digital X-Ray (PS3.3 C.7.3.1.1.1).
+CHEST_MODALITIES: tuple[str, ...] = ("CR", "DX")
+#: Body Part Examined of a chest (PS3.16 Annex L); THORAX and LUNG are common vendor spellings.
+CHEST_BODY_PARTS: tuple[str, ...] = ("CHEST", "THORAX", "LUNG")
+#: Frontal View Positions (PS3.3 C.8.11.5.1.1); laterals and obliques are not for the model.
+FRONTAL_VIEW_POSITIONS: tuple[str, ...] = ("PA", "AP")
+
+
+class SelectionRules(_Model):
+    """Which received instances are frontal chest radiographs for the model (``core.chest``).
+
+    The rest are stored but not queued, and the worker calls them not assessable.
+    """
+
+    modalities: list[str] = Field(default_factory=lambda: list(CHEST_MODALITIES), min_length=1)
+    body_parts: list[str] = Field(default_factory=lambda: list(CHEST_BODY_PARTS))
+    allow_missing_body_part: bool = True
+    view_positions: list[str] = Field(default_factory=lambda: list(FRONTAL_VIEW_POSITIONS))
+    allow_missing_view_position: bool = True
+
+    @field_validator("modalities", "body_parts", "view_positions")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        return [v.strip().upper() for v in values]
+
+
+class GroupingSettings(_Model):
+    """When a study is queued: after ``quiet_seconds`` without new instances, or per instance."""
+
+    mode: Literal["study", "instance"] = "study"
+    quiet_seconds: float = Field(5.0, ge=0, le=3600)
+
+
+class ResultSettings(_Model):
+    """Series of the results we create in the source study."""
+
+    sr_series_number: int = Field(9901, ge=1, le=2**31 - 1)
+    sr_series_description: str = Field(
+        "CoroNet AI findings (not for diagnostic use)", max_length=64
+    )
+    sc_series_number: int = Field(9902, ge=1, le=2**31 - 1)
+    sc_series_description: str = Field(
+        "CoroNet AI attribution map (not for diagnostic use)", max_length=64
+    )
+    on_unassessable: Literal["report", "skip"] = Field(
+        "report", description="report: an SR that says the image cannot be assessed; skip: no SR"
+    )
+
+
+class Settings(_Model):
+    """The whole configuration file.  Its top-level keys are a contract for admins and docs."""
+
+    node: NodeSettings = NodeSettings()
+    callers: list[Caller] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
+    storage: StorageSettings = StorageSettings()
+    broker: BrokerSettings = BrokerSettings()
+    model: ModelSettings = ModelSettings()
+    selection: SelectionRules = SelectionRules()
+    grouping: GroupingSettings = GroupingSettings()
+    results: ResultSettings = ResultSettings()
+
+    @field_validator("callers")
+    @classmethod
+    def _unique_callers(cls, callers: list[Caller]) -> list[Caller]:
+        _reject_duplicates((c.ae_title for c in callers), "caller AE title")
+        return callers
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destinations(cls, destinations: list[Destination]) -> list[Destination]:
+        _reject_duplicates((d.name for d in destinations), "destination name")
+        return destinations
+
+    def caller(self, ae_title: str) -> Caller | None:
+        """The allowed caller with this AE title, if any (trailing spaces are not significant)."""
+        title = ae_title.strip()
+        return next((c for c in self.callers if c.ae_title == title), None)
+
+    def destination(self, name: str) -> Destination:
+        """The destination called ``name``; raises ConfigError with the known names."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"no destination named {name!r} (known: {known})")
+
+
+def _reject_duplicates(values: Iterable[str], what: str) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"duplicate {what} {value!r}")
+        seen.add(value)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    return key.split("."), _parse_scalar(raw)
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
+    overrides = []
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        overrides.append((path, _parse_scalar(raw)))
+    return overrides
+
+
+def _set_path(data: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, path[: i + 1])]
+            continue
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict | list):
+            raise ConfigError(
+                f"cannot set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section"
+            )
+        node = child
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, path)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(items: list[Any], part: str, path: Sequence[str]) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"cannot set {'.'.join(path)}: {part!r} is not an index of that list")
+    return int(part)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a configuration file into plain data; an empty file is an empty mapping."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return data
+
+
+def settings_from_data(data: Mapping[str, Any], source: str = "configuration") -> Settings:
+    """Validate plain data; on failure raise ConfigError naming every field path."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        problems = [(_field_path(e["loc"]), _reason(e)) for e in err.errors()]
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in problems)
+        raise ConfigError(f"{source} is invalid:\n{lines}", problems) from err
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _reason(error: Any) -> str:
+    message = str(error["msg"])
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    return message
+
+
+def load_settings(
+    path: Path | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load settings with the precedence CLI > environment > file > defaults."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    env = os.environ if environ is None else environ
+    for key_path, value in _env_overrides(env):
+        _set_path(data, key_path, value)
+    for text in overrides:
+        key_path, value = parse_override(text)
+        _set_path(data, key_path, value)
+    return settings_from_data(data, str(path) if path is not None else "configuration")

@@ -1,0 +1,160 @@
+"""pynetdicom event handlers of the node, each small and with its dependencies bound explicitly
+(``(evt.EVT_C_STORE, handle_store, [ingest, log])``), and the per-association log.
+
+A handler never lets an exception escape: an error while storing becomes a failure status, an
+error while checking an association request a rejection (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+
+from dicom_node.core import statuses
+from dicom_node.core.settings import Settings
+from dicom_node.scp.access import Rejection, check_association
+from dicom_node.scp.ingest import Ingest, StoreOutcome
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Counts:
+    caller: str
+    address: str
+    stored: int = 0
+    duplicates: int = 0
+    not_selected: int = 0
+    failed: int = 0
+    bytes: int = 0
+    failures: dict[int, int] = field(default_factory=dict)
+
+
+class AssociationLog:
+    """Per-association counters, summarised at INFO when the association ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: weakref.WeakKeyDictionary[Any, _Counts] = weakref.WeakKeyDictionary()
+
+    def _get(self, assoc: Any) -> _Counts:
+        counts = self._counts.get(assoc)
+        if counts is None:
+            counts = _Counts(assoc.requestor.ae_title.strip(), assoc.requestor.address)
+            self._counts[assoc] = counts
+        return counts
+
+    def record(self, assoc: Any, outcome: StoreOutcome) -> None:
+        with self._lock:
+            counts = self._get(assoc)
+            if outcome.status != statuses.SUCCESS:
+                counts.failed += 1
+                counts.failures[outcome.status] = counts.failures.get(outcome.status, 0) + 1
+            elif outcome.stored is not None and outcome.stored.duplicate:
+                counts.duplicates += 1
+            else:
+                counts.stored += 1
+                counts.bytes += outcome.stored.bytes if outcome.stored else 0
+                if outcome.decision is not None and not outcome.decision.selected:
+                    counts.not_selected += 1
+
+    def finish(self, assoc: Any, how: str) -> None:
+        with self._lock:
+            counts = self._counts.pop(assoc, None)
+        if counts is None:
+            counts = _Counts(assoc.requestor.ae_title.strip(), assoc.requestor.address)
+        failures = ", ".join(
+            f"{statuses.describe(s)} x{n}" for s, n in sorted(counts.failures.items())
+        )
+        logger.info(
+            "association from %s (%s) %s: %d stored (%d not selected), %d duplicates, "
+            "%d failed%s, %.1f MB",
+            counts.caller,
+            counts.address,
+            how,
+            counts.stored,
+            counts.not_selected,
+            counts.duplicates,
+            counts.failed,
+            f" [{failures}]" if failures else "",
+            counts.bytes / 1e6,
+        )
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def handle_requested(event: Event, current_settings: Callable[[], Settings]) -> None:
+    """EVT_REQUESTED: reject unknown callers and wrong called AE titles (PS3.8 9.3.4)."""
+    assoc = event.assoc
+    request = assoc.requestor.primitive
+    try:
+        assert request is not None
+        rejection = check_association(
+            current_settings(),
+            str(request.calling_ae_title),
+            str(request.called_ae_title),
+            assoc.requestor.address,
+        )
+    except Exception:  # fail closed: a bug here must not let a caller in
+        logger.exception("cannot check an association request; rejecting it")
+        rejection = Rejection(
+            statuses.REJECTED_PERMANENT,
+            statuses.SOURCE_SERVICE_USER,
+            statuses.REASON_NO_REASON,
+            "internal error while checking the request",
+        )
+    if rejection is None:
+        return
+    logger.info("rejected association from %s: %s", assoc.requestor.address, rejection.why)
+    assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
+    assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the peer closed (PS3.8 9.1.4)
+
+
+def handle_store(event: Event, ingest: Ingest, log: AssociationLog) -> int:
+    """EVT_C_STORE: persist, then answer; never Success unless the instance is on disk."""
+    request = cast(C_STORE, event.request)
+    try:
+        outcome = ingest.receive(
+            event.dataset_path,
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+        )
+    except Exception:  # a bug must not kill the association: answer a failure status
+        logger.exception("unexpected error while storing an instance")
+        outcome = StoreOutcome(statuses.PROCESSING_FAILURE, problem="internal error")
+    log.record(event.assoc, outcome)
+    if outcome.status != statuses.SUCCESS:
+        logger.warning(
+            "C-STORE from %s refused with %s: %s",
+            event.assoc.requestor.ae_title.strip(),
+            statuses.describe(outcome.status),
+            outcome.problem,
+        )
+    elif outcome.stored is not None and outcome.decision is not None:
+        stored = outcome.stored
+        if not outcome.decision.selected:
+            logger.info(
+                "stored %s/%s, not queued: %s",
+                stored.study_key,
+                stored.instance_key,
+                outcome.decision.reason,
+            )
+        else:
+            logger.debug("stored %s/%s", stored.study_key, stored.instance_key)
+    return outcome.status
+
+
+def handle_released(event: Event, log: AssociationLog) -> None:
+    log.finish(event.assoc, "released")
+
+
+def handle_aborted(event: Event, log: AssociationLog) -> None:
+    log.finish(event.assoc, "aborted")

@@ -1,0 +1,188 @@
+"""The node's lifecycle: build the Storage SCP from settings, start, reload and stop it.
+
+:class:`DicomNode` is built from :class:`~dicom_node.core.settings.Settings` and explicit
+dependencies (a :class:`~dicom_node.core.spool.Spool` and a
+:class:`~dicom_node.scp.queueing.StudyQueue`).  Received data sets are streamed to a temporary
+file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and only their header is decoded
+(:mod:`dicom_node.scp.ingest`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.core.errors import ConfigError
+from dicom_node.core.settings import NodeSettings, Settings
+from dicom_node.core.spool import Spool
+from dicom_node.core.tls import server_context
+from dicom_node.scp.contexts import MAX_PDU_SIZE, build_contexts
+from dicom_node.scp.handlers import (
+    AssociationLog,
+    handle_aborted,
+    handle_released,
+    handle_requested,
+    handle_store,
+)
+from dicom_node.scp.ingest import Ingest
+from dicom_node.scp.queueing import CeleryQueue, StudyQueue
+
+logger = logging.getLogger(__name__)
+
+
+def _listen_key(node: NodeSettings) -> tuple[object, ...]:
+    return (node.host, node.port, node.tls)
+
+
+class DicomNode:
+    """The Storage and Verification SCP: ``start()``, ``reload(settings)``, ``stop()``.
+
+    ``start()`` also starts the study queue (with recovery of pending spooled studies) and
+    ``stop()`` stops it.
+    """
+
+    def __init__(self, settings: Settings, spool: Spool, queue: StudyQueue) -> None:
+        self._settings = settings
+        self.spool = spool
+        self.queue = queue
+        self.ingest = Ingest(spool, queue, settings.selection)
+        self.log = AssociationLog()
+        self.ae = AE(ae_title=settings.node.ae_title)
+        self.ae.maximum_pdu_size = MAX_PDU_SIZE
+        self._apply_limits(settings.node)
+        self._server: ThreadedAssociationServer | None = None
+        self._stopped = threading.Event()
+        self._reload_lock = threading.Lock()
+        self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **queue_options: float) -> DicomNode:
+        """Build the spool, the Celery producer and the study queue from ``settings``."""
+        spool = Spool(settings.storage.spool_dir)
+        publisher = CeleryQueue.from_settings(settings.broker)
+        queue = StudyQueue(spool, publisher, settings.grouping, **queue_options)
+        return cls(settings, spool, queue)
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) the listener is bound to."""
+        if self._server is None:
+            raise RuntimeError("the node is not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def _apply_limits(self, node: NodeSettings) -> None:
+        self.ae.maximum_associations = node.max_associations
+        self.ae.acse_timeout = node.timeouts.acse
+        self.ae.dimse_timeout = node.timeouts.dimse
+        self.ae.network_timeout = node.timeouts.network
+
+    def _handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_REQUESTED, handle_requested, [lambda: self.settings]),
+            (evt.EVT_C_STORE, handle_store, [self.ingest, self.log]),
+            (evt.EVT_RELEASED, handle_released, [self.log]),
+            (evt.EVT_ABORTED, handle_aborted, [self.log]),
+        ]
+
+    def _listen(self, settings: Settings) -> ThreadedAssociationServer:
+        node = settings.node
+        ssl_context = server_context(node.tls) if node.tls is not None else None
+        try:
+            server = self.ae.start_server(
+                (node.host, node.port),
+                block=False,
+                ssl_context=ssl_context,
+                evt_handlers=self._handlers(),
+                ae_title=node.ae_title,
+                contexts=build_contexts(node),
+            )
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {node.host}:{node.port}: {err}") from err
+        assert server is not None
+        return server
+
+    def start(self, block: bool = False) -> None:
+        """Recover the spool, start the queue and listen; with ``block`` wait for stop()."""
+        # Stream each received data set to a temporary file instead of memory.
+        self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        removed = self.spool.remove_temporary()
+        if removed:
+            logger.info("removed %d partial writes from the spool", removed)
+        self._stopped.clear()
+        self.queue.start(recover=True)
+        try:
+            self._server = self._listen(self._settings)
+        except BaseException:
+            self.queue.stop()
+            _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
+            raise
+        node = self._settings.node
+        logger.info(
+            "%s listening on %s:%d (%s)",
+            node.ae_title,
+            node.host,
+            self.address[1],
+            "TLS" if node.tls else "no TLS",
+        )
+        if block:
+            self._stopped.wait()
+
+    def stop(self) -> None:
+        """Stop listening, abort open associations and stop the queue."""
+        with self._reload_lock:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server = None
+            for assoc in self.ae.active_associations:
+                assoc.abort()
+            self.queue.stop()
+            _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
+            self._stopped.set()
+        logger.info("stopped")
+
+    def reload(self, settings: Settings) -> None:
+        """Apply new settings to new associations; open associations are kept.
+
+        Callers, our AE title, SOP classes, limits, timeouts, selection, grouping and broker
+        apply at once; a new host, port or TLS setting opens a new listener before the old
+        one closes.  ``storage.spool_dir`` needs a restart.
+        """
+        with self._reload_lock:
+            old = self._settings
+            if settings.storage.spool_dir != old.storage.spool_dir:
+                logger.warning("storage.spool_dir changed: restart the node to apply it")
+            if self._server is not None and _listen_key(settings.node) != _listen_key(old.node):
+                new_server = self._listen(settings)
+                self._server.shutdown()
+                self._server = new_server
+            elif self._server is not None:
+                self._server.ae_title = settings.node.ae_title
+                self._server.contexts = build_contexts(settings.node)
+            self.ae.ae_title = settings.node.ae_title
+            self._apply_limits(settings.node)
+            self.ingest.rules = settings.selection
+            publisher = None
+            if settings.broker != old.broker:
+                publisher = CeleryQueue.from_settings(settings.broker)
+            self.queue.reload(settings.grouping, publisher)
+            self._settings = settings
+        logger.info(
+            "configuration reloaded: %s on port %d, %d allowed callers",
+            settings.node.ae_title,
+            settings.node.port,
+            len(settings.callers),
+        )
+
+    def active_associations(self) -> Sequence[Any]:
+        return list(self.ae.active_associations)

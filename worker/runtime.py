@@ -1,0 +1,136 @@
+"""What a worker process needs for its tasks: devices, threads, the loaded model, clients.
+
+Devices: the model is loaded once in every pool process (Celery's ``worker_process_init``).
+``model.device`` ``cpu`` or ``cuda:N`` is used as is; ``auto`` gives process *i* the GPU
+``cuda:{i mod G}`` on a host with G GPUs (billiard keeps the index when it replaces a process),
+and the CPU when there is none.  The GPU count comes from NVML (``torch.cuda.device_count``),
+which does not initialise CUDA in the parent, so the forked children may.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import redis
+import torch
+from pydicom.dataset import Dataset
+
+from dicom_node.core.logs import quiet_libraries
+from dicom_node.core.settings import Settings
+from dicom_node.core.spool import Spool
+from worker.delivery import Sender
+from worker.engine import Engine, load_engine
+from worker.locks import InstanceLocks
+from worker.options import WorkerOptions
+from worker.outbox import Outbox
+from worker.pipeline import InstanceResult, process_dataset
+from worker.processor import Analyse, StudyProcessor
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(setting: str, index: int, gpu_count: int | None) -> str:
+    """The torch device of pool process ``index`` for ``model.device`` (see module doc)."""
+    if setting != "auto":
+        return setting
+    count = gpu_count if gpu_count is not None else detect_gpus()
+    return f"cuda:{index % count}" if count > 0 else "cpu"
+
+
+def detect_gpus() -> int:
+    """Number of CUDA GPUs, counted through NVML when possible.
+
+    ``torch.cuda.device_count`` does not initialise CUDA when NVML answers, so the pool
+    processes forked afterwards can still use CUDA; ``torch.cuda.is_available`` would.
+    """
+    return int(torch.cuda.device_count())
+
+
+def configure_torch_threads(options: WorkerOptions) -> None:
+    """Share the CPU cores between the pool processes (or use ``options.threads``)."""
+    cores = os.cpu_count() or 1
+    threads = options.threads or (
+        max(1, cores // options.concurrency) if options.pool == "prefork" else cores
+    )
+    torch.set_num_threads(threads)
+
+
+class WorkerRuntime:
+    """Everything a worker process needs for its tasks: settings, spool, outbox, engine.
+
+    The engine is loaded once per process by :meth:`start_process` (Celery's
+    ``worker_process_init``, or ``worker_init`` for the solo pool); Redis clients are made per
+    process, since sockets must not be shared across ``fork``.
+    """
+
+    def __init__(self, settings: Settings, options: WorkerOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.spool = Spool(settings.storage.spool_dir)
+        self.outbox = Outbox(settings.storage.outbox_dir)
+        self.engine: Engine | None = None
+        self.device: str | None = None
+        self._client: redis.Redis | None = None
+        self._client_pid = 0
+        self._analyse: Analyse | None = None
+
+    def redis(self) -> redis.Redis:
+        if self._client is None or self._client_pid != os.getpid():
+            self._client = redis.Redis.from_url(
+                self.settings.broker.url, socket_connect_timeout=5, socket_timeout=30
+            )
+            self._client_pid = os.getpid()
+        return self._client
+
+    def start_process(self, index: int) -> None:
+        """Load the model once for this process (device pinned by process index)."""
+        quiet_libraries()
+        device = resolve_device(self.settings.model.device, index, self.options.gpu_count)
+        if device == "cpu":
+            configure_torch_threads(self.options)
+        started = time.perf_counter()
+        engine = self.engine = load_engine(self.settings.model.bundle_dir, device)
+        self.device = device
+        removed = self.outbox.remove_temporary()
+        logger.info(
+            "process %d (pid %d): model %s loaded on %s in %.1f s%s",
+            index,
+            os.getpid(),
+            engine.model_version,
+            device,
+            time.perf_counter() - started,
+            f"; removed {removed} partial outbox writes" if removed else "",
+        )
+
+    def analyse(self) -> Analyse:
+        """The model's analysis of one data set, with this worker's heatmap mode."""
+        if self._analyse is None:
+            engine = self.engine
+            if engine is None:
+                logger.warning("model not loaded at process start; loading it now")
+                self.start_process(0)
+                engine = self.engine
+                assert engine is not None
+            settings, preset = self.settings, self.options.attribution_preset
+
+            def analyse(dataset: Dataset) -> InstanceResult:
+                return process_dataset(
+                    dataset, engine, settings.results, settings.selection, preset=preset
+                )
+
+            self._analyse = analyse
+        return self._analyse
+
+    def processor(self, analyse: Analyse | None = None) -> StudyProcessor:
+        """A study processor for one task (``analyse`` replaces the model in tests)."""
+        locks = InstanceLocks(self.redis(), self.options.lock_ttl)
+        return StudyProcessor(
+            self.settings,
+            self.spool,
+            self.outbox,
+            analyse if analyse is not None else self.analyse(),
+            locks,
+            Sender.from_settings(self.settings),
+        )
