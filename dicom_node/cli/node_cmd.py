@@ -87,6 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
     _node_logging(getattr(args, "verbose", 0))
     settings = settings_from_args(args)
     node = DicomNode.from_settings(settings)
+    node.spool.prepare()  # a clear error for an unusable folder, before its pid file
     wake = threading.Event()
     requests: dict[str, bool] = {"stop": False, "reload": False}
 

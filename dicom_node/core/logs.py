@@ -1,17 +1,57 @@
 """Logging set-up shared by every ``coronet`` process.
 
-Our own loggers are named after their modules.  pynetdicom logs every request at INFO (and
-UIDs at DEBUG), highdicom every object it builds: :func:`quiet_libraries` keeps only their
-warnings, so that INFO lines carry no UIDs (see the conformance statement).
+* Our own loggers are named after their modules and log no PHI: studies and instances by their
+  spool keys only (see the conformance statement).
+* Every line is one line: control characters in a message (a peer's newline, a terminal escape)
+  are written as ``\\xNN``, so nobody can forge a log line by sending data.
+* pynetdicom logs every request at INFO and UIDs at DEBUG, highdicom every object it builds:
+  :func:`quiet_libraries` keeps only their warnings.  What pydicom and pynetdicom still log,
+  and Python warnings (which pydicom uses for invalid values), have quoted values and UIDs
+  replaced by placeholders.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Final
 
 FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CHATTY_LIBRARIES: Final = ("pynetdicom", "highdicom")
+#: Loggers whose messages may echo values from received data.
+THIRD_PARTY: Final = ("pydicom", "pynetdicom", "py.warnings")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_UID_LIKE = re.compile(r"\d+(?:\.\d+){2,}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def redact_values(text: str) -> str:
+    """``text`` with quoted values and UIDs replaced by placeholders."""
+    return _UID_LIKE.sub("<UID>", _QUOTED.sub("'<value>'", text))
+
+
+class OneLineFormatter(logging.Formatter):
+    """Escapes control characters in the message (tracebacks keep their lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+class RedactThirdParty(logging.Filter):
+    """Replaces values and UIDs in records of :data:`THIRD_PARTY` loggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] in THIRD_PARTY or record.name == "py.warnings":
+            record.msg = redact_values(record.getMessage())
+            record.args = None
+        return True
 
 
 def level_for(verbosity: int) -> int:
@@ -20,8 +60,13 @@ def level_for(verbosity: int) -> int:
 
 
 def configure_logging(verbosity: int) -> None:
-    """Root logging for a command run with ``verbosity`` times ``-v``."""
+    """Root logging for a command run with ``verbosity`` times ``-v`` (see the module doc)."""
     logging.basicConfig(level=level_for(verbosity), format=FORMAT)
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(OneLineFormatter(FORMAT))
+        if not any(isinstance(f, RedactThirdParty) for f in handler.filters):
+            handler.addFilter(RedactThirdParty())
 
 
 def quiet_libraries() -> None:

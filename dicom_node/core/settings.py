@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from dicom_node.core.errors import ConfigError
+from dicom_node.core.uids import is_conformant_uid, strip_padding
 
 ENV_PREFIX = "CORONET_"
 DEFAULT_CONFIG = Path("configs/node.yaml")
@@ -39,7 +40,6 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 def validate_ae_title(value: str) -> str:
@@ -75,7 +75,7 @@ def _validate_host(value: str) -> str:
 
 
 def _validate_uid(value: str) -> str:
-    if len(value) > 64 or not _UID.match(value):
+    if not is_conformant_uid(value) or strip_padding(value) != value:
         raise ValueError(f"{value!r} is not a valid DICOM UID (PS3.5 9.1)")
     return value
 
@@ -115,6 +115,43 @@ class Timeouts(_Model):
     network: float = Field(60.0, gt=0)
 
 
+_MB = 1 << 20
+
+
+class NodeLimits(_Model):
+    """What one peer may make the node hold, checked before memory or disk is spent on it.
+
+    Every PDU's declared length is checked before it is read; every read has a deadline (the
+    network timeout per PDU, the ACSE timeout until the association is negotiated).
+    """
+
+    max_associate_request_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=_MB,
+        description="largest A-ASSOCIATE-RQ PDU accepted (PS3.8 9.3.2); larger ones are closed",
+    )
+    max_pending_connections: int = Field(
+        32, ge=1, le=10_000, description="connections not yet associated, from all peers"
+    )
+    max_pending_per_peer: int = Field(
+        4, ge=1, le=1000, description="connections not yet associated, from one address"
+    )
+    max_instance_bytes: int = Field(
+        1024 * _MB, ge=_MB, description="largest data set of one C-STORE, counted while it streams"
+    )
+    max_element_bytes: int = Field(
+        16 * _MB,
+        ge=1024,
+        description="largest element before Pixel Data; a larger one is refused (0xA700)",
+    )
+    max_inflated_bytes: int = Field(
+        1024 * _MB,
+        ge=_MB,
+        description="largest Deflated Explicit VR data set once inflated; counted while inflating",
+    )
+
+
 class NodeSettings(_Model):
     """Our own Application Entity: the Storage SCP that the PACS sends to."""
 
@@ -123,6 +160,7 @@ class NodeSettings(_Model):
     port: Port = 11112
     max_associations: int = Field(10, ge=1, le=1000)
     timeouts: Timeouts = Timeouts()
+    limits: NodeLimits = NodeLimits()
     tls: TLSSettings | None = None
     extra_sop_classes: list[UID] = Field(
         default_factory=list,

@@ -56,7 +56,8 @@ from dicom_node.core.durable import (
     temp_path,
     write_json_atomic,
 )
-from dicom_node.core.errors import IngestError
+from dicom_node.core.errors import ConfigError, IngestError
+from dicom_node.core.uids import strip_padding
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +71,13 @@ _COPY_CHUNK = 1 << 20
 
 
 def key_for(uid: str) -> str:
-    """The spool key of a UID: 32 hex digits of its SHA-256 (never the UID itself).
+    """The spool key of a UID: 32 hex digits of the SHA-256 of its bytes (never the UID itself).
 
-    Trailing NUL and space padding (PS3.5 9.1) is not part of the UID.
+    Trailing NUL and space padding (PS3.5 9.1) is not part of the UID.  Every character is
+    hashed as it is (UTF-8, undecodable bytes kept by ``surrogateescape``), so two different
+    values never share a key; the node refuses non-conformant UIDs before they get here.
     """
-    digest = hashlib.sha256(uid.strip("\0 ").encode("ascii", errors="replace"))
+    digest = hashlib.sha256(strip_padding(uid).encode("utf-8", errors="surrogateescape"))
     return digest.hexdigest()[:KEY_LENGTH]
 
 
@@ -117,6 +120,20 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def prepare(self, field: str = "storage.spool_dir") -> None:
+        """Create the spool folder if needed; ConfigError naming ``field`` if it cannot be one."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"{field} {self.root} is not a folder", [(field, "not a folder")])
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = temp_path(self.root, "write-probe")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(
+                f"{field} {self.root} is not a writable folder: {err.strerror or err}",
+                [(field, "not writable")],
+            ) from err
 
     # ------------------------------------------------------------------ writing
 

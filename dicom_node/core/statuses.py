@@ -30,8 +30,16 @@ DATA_UNDECODABLE: Final = 0xC210
 PS3.4 Table B.2-1 leaves the meaning of codes inside C000-CFFF to the implementation; 0xC210
 is the code that pynetdicom's reference Storage SCP uses for an undecodable data set.
 """
+UID_NOT_CONFORMANT: Final = 0xC220
+"""Error: Cannot understand (Cxxx) -- a UID of the data set violates PS3.5 9.1 (at most 64
+characters, digits and dots, no empty or zero-padded component); nothing is stored."""
+INVALID_SOP_INSTANCE: Final = 0x0117
+"""Failure: Invalid SOP Instance (PS3.7 C.5.11, a C-STORE status of PS3.7 9.1.1.1.9): the
+Affected SOP Instance UID violates the UID construction rules (PS3.5 9.1)."""
 
 NAMES: Final[dict[int, str]] = {
+    UID_NOT_CONFORMANT: "Error: Cannot understand (a UID violates PS3.5 9.1)",
+    INVALID_SOP_INSTANCE: "Failure: Invalid SOP Instance",
     SUCCESS: "Success",
     PROCESSING_FAILURE: "Processing failure",
     SOP_CLASS_NOT_SUPPORTED: "Refused: SOP Class not supported",
@@ -51,9 +59,12 @@ def describe(status: int) -> str:
 REJECTED_PERMANENT: Final = 0x01
 REJECTED_TRANSIENT: Final = 0x02
 SOURCE_SERVICE_USER: Final = 0x01
+SOURCE_SERVICE_PROVIDER_PRESENTATION: Final = 0x03
 REASON_NO_REASON: Final = 0x01
 REASON_CALLING_AE_NOT_RECOGNISED: Final = 0x03
 REASON_CALLED_AE_NOT_RECOGNISED: Final = 0x07
+REASON_LOCAL_LIMIT_EXCEEDED: Final = 0x02
+"""With SOURCE_SERVICE_PROVIDER_PRESENTATION and REJECTED_TRANSIENT: too many associations."""
 
 # --------------------------------------------------------------------------- as a Storage SCU
 # Statuses a destination may answer to our C-STORE of a result (PS3.4 Table B.2-1, PS3.7 C),
@@ -75,8 +86,6 @@ CANNOT_UNDERSTAND_RANGE: Final = range(0xC000, 0xD000)
 """Cxxx: Error: Cannot understand; sending again will not help."""
 DUPLICATE_SOP_INSTANCE: Final = 0x0111
 """Failure: Duplicate SOP Instance (PS3.7 C.5.7): the peer already holds this instance."""
-INVALID_SOP_INSTANCE: Final = 0x0117
-"""Failure: Invalid SOP Instance (PS3.7 C.5.11)."""
 NOT_AUTHORIZED: Final = 0x0124
 """Refused: Not Authorized (PS3.7 C.5.20)."""
 DUPLICATE_INVOCATION: Final = 0x0210
@@ -92,7 +101,6 @@ NAMES.update(
         WARNING_ELEMENTS_DISCARDED: "Warning: Elements Discarded",
         WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS: "Warning: Data Set does not match SOP Class",
         DUPLICATE_SOP_INSTANCE: "Failure: Duplicate SOP Instance",
-        INVALID_SOP_INSTANCE: "Failure: Invalid SOP Instance",
         NOT_AUTHORIZED: "Refused: Not Authorized",
         DUPLICATE_INVOCATION: "Failure: Duplicate Invocation",
         RESOURCE_LIMITATION: "Failure: Resource Limitation",

@@ -7,32 +7,20 @@ loaded are a :class:`~dicom_node.core.errors.ConfigError` naming the field.
 
 from __future__ import annotations
 
-import socket
 import ssl
-from typing import Any, Final
 
 from dicom_node.core.errors import ConfigError
 from dicom_node.core.settings import TLSSettings
 
-HANDSHAKE_TIMEOUT_S: Final = 10.0
-"""Longest TLS handshake the listener waits for."""
-
-
-class _ServerContext(ssl.SSLContext):
-    """Bounds the handshake, which pynetdicom runs on the listener thread."""
-
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        sock.settimeout(HANDSHAKE_TIMEOUT_S)
-        wrapped = super().wrap_socket(sock, *args, **kwargs)
-        wrapped.settimeout(None)
-        return wrapped
-
 
 def server_context(tls: TLSSettings, field: str = "node.tls") -> ssl.SSLContext:
-    """A server-side context; client certificates are required or verified per ``tls``."""
+    """A server-side context; client certificates are required or verified per ``tls``.
+
+    The listener does the handshake itself, with a deadline (:mod:`dicom_node.scp.guard`).
+    """
     if tls.cert_file is None or tls.key_file is None:
         raise ConfigError(f"{field} needs cert_file and key_file", [(field, "no certificate")])
-    context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(tls.cert_file, tls.key_file)

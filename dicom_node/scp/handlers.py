@@ -21,6 +21,7 @@ from dicom_node.core import statuses
 from dicom_node.core.settings import Settings
 from dicom_node.scp.access import Rejection, check_association
 from dicom_node.scp.ingest import Ingest, StoreOutcome
+from dicom_node.scp.tempfiles import TempFiles
 
 logger = logging.getLogger(__name__)
 
@@ -91,18 +92,32 @@ class AssociationLog:
 # --------------------------------------------------------------------------- handlers
 
 
-def handle_requested(event: Event, current_settings: Callable[[], Settings]) -> None:
-    """EVT_REQUESTED: reject unknown callers and wrong called AE titles (PS3.8 9.3.4)."""
+def handle_requested(
+    event: Event, current_settings: Callable[[], Settings], established: Callable[[], int]
+) -> None:
+    """EVT_REQUESTED: reject unknown callers, wrong called AE titles, and any caller once
+    ``node.max_associations`` associations are established (PS3.8 9.3.4).
+
+    Only established associations count: connections still negotiating take no slot.
+    """
     assoc = event.assoc
     request = assoc.requestor.primitive
     try:
         assert request is not None
+        settings = current_settings()
         rejection = check_association(
-            current_settings(),
+            settings,
             str(request.calling_ae_title),
             str(request.called_ae_title),
             assoc.requestor.address,
         )
+        if rejection is None and established() >= settings.node.max_associations:
+            rejection = Rejection(
+                statuses.REJECTED_TRANSIENT,
+                statuses.SOURCE_SERVICE_PROVIDER_PRESENTATION,
+                statuses.REASON_LOCAL_LIMIT_EXCEEDED,
+                f"{settings.node.max_associations} associations are open (node.max_associations)",
+            )
     except Exception:  # fail closed: a bug here must not let a caller in
         logger.exception("cannot check an association request; rejecting it")
         rejection = Rejection(
@@ -150,6 +165,16 @@ def handle_store(event: Event, ingest: Ingest, log: AssociationLog) -> int:
         else:
             logger.debug("stored %s/%s", stored.study_key, stored.instance_key)
     return outcome.status
+
+
+def handle_connection_open(event: Event, temp_files: TempFiles) -> None:
+    """EVT_CONN_OPEN: data sets received on this connection go to the spool's tmp folder."""
+    temp_files.adopt(event.assoc)
+
+
+def handle_connection_close(event: Event, temp_files: TempFiles) -> None:
+    """EVT_CONN_CLOSE: remove what an aborted store left behind."""
+    temp_files.release(event.assoc)
 
 
 def handle_released(event: Event, log: AssociationLog) -> None:

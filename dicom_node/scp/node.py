@@ -15,24 +15,42 @@ from collections.abc import Sequence
 from typing import Any
 
 from pynetdicom import AE, _config, evt
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.core.errors import ConfigError
 from dicom_node.core.settings import NodeSettings, Settings
 from dicom_node.core.spool import Spool
 from dicom_node.core.tls import server_context
 from dicom_node.scp.contexts import MAX_PDU_SIZE, build_contexts
+from dicom_node.scp.guard import (
+    GuardedServer,
+    PendingLimits,
+    StreamLimits,
+    guarded_tls_context,
+    quiet_tripped_connections,
+)
 from dicom_node.scp.handlers import (
     AssociationLog,
     handle_aborted,
+    handle_connection_close,
+    handle_connection_open,
     handle_released,
     handle_requested,
     handle_store,
 )
+from dicom_node.scp.header import HeaderLimits
 from dicom_node.scp.ingest import Ingest
 from dicom_node.scp.queueing import CeleryQueue, StudyQueue
+from dicom_node.scp.tempfiles import TempFiles
+from dicom_node.scp.tempfiles import install as install_temp_files
 
 logger = logging.getLogger(__name__)
+
+TEMP_FOLDER = "tmp"
+"""Inside the spool: where pynetdicom streams data sets being received."""
+
+
+def _pending_limits(node: NodeSettings) -> PendingLimits:
+    return PendingLimits(node.limits.max_pending_per_peer, node.limits.max_pending_connections)
 
 
 def _listen_key(node: NodeSettings) -> tuple[object, ...]:
@@ -50,12 +68,19 @@ class DicomNode:
         self._settings = settings
         self.spool = spool
         self.queue = queue
-        self.ingest = Ingest(spool, queue, settings.selection)
+        self.temp_files = TempFiles(spool.root / TEMP_FOLDER)
+        self.ingest = Ingest(
+            spool,
+            queue,
+            settings.selection,
+            HeaderLimits.from_settings(settings.node.limits),
+            self.temp_files,
+        )
         self.log = AssociationLog()
         self.ae = AE(ae_title=settings.node.ae_title)
         self.ae.maximum_pdu_size = MAX_PDU_SIZE
+        self._server: GuardedServer | None = None
         self._apply_limits(settings.node)
-        self._server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
         self._reload_lock = threading.Lock()
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
@@ -81,34 +106,60 @@ class DicomNode:
         return str(host), int(port)
 
     def _apply_limits(self, node: NodeSettings) -> None:
-        self.ae.maximum_associations = node.max_associations
+        # pynetdicom counts connections still negotiating against its own limit; ours
+        # (handle_requested) counts established associations only, so pynetdicom's is set
+        # above everything the guarded server lets in.
+        self.ae.maximum_associations = (
+            node.max_associations + node.limits.max_pending_connections + 1
+        )
         self.ae.acse_timeout = node.timeouts.acse
         self.ae.dimse_timeout = node.timeouts.dimse
         self.ae.network_timeout = node.timeouts.network
+        self.ingest.limits = HeaderLimits.from_settings(node.limits)
+        if self._server is not None:
+            self._server.stream_limits = StreamLimits.from_settings(node, MAX_PDU_SIZE)
+            self._server.pending_limits = _pending_limits(node)
+
+    def established(self) -> int:
+        """Associations established with the current listener."""
+        server = self._server
+        if server is None:
+            return 0
+        return sum(1 for a in server.active_associations if a.is_established)
 
     def _handlers(self) -> list[Any]:
         return [
-            (evt.EVT_REQUESTED, handle_requested, [lambda: self.settings]),
+            (evt.EVT_CONN_OPEN, handle_connection_open, [self.temp_files]),
+            (evt.EVT_CONN_CLOSE, handle_connection_close, [self.temp_files]),
+            (evt.EVT_REQUESTED, handle_requested, [lambda: self.settings, self.established]),
             (evt.EVT_C_STORE, handle_store, [self.ingest, self.log]),
             (evt.EVT_RELEASED, handle_released, [self.log]),
             (evt.EVT_ABORTED, handle_aborted, [self.log]),
         ]
 
-    def _listen(self, settings: Settings) -> ThreadedAssociationServer:
+    def _listen(self, settings: Settings) -> GuardedServer:
         node = settings.node
-        ssl_context = server_context(node.tls) if node.tls is not None else None
+        ssl_context = None
+        if node.tls is not None:
+            ssl_context = guarded_tls_context(server_context(node.tls))
         try:
-            server = self.ae.start_server(
+            server = self.ae.make_server(  # returns an instance of server_class
                 (node.host, node.port),
-                block=False,
-                ssl_context=ssl_context,
-                evt_handlers=self._handlers(),
                 ae_title=node.ae_title,
                 contexts=build_contexts(node),
+                ssl_context=ssl_context,
+                evt_handlers=self._handlers(),
+                server_class=GuardedServer,
+                stream_limits=StreamLimits.from_settings(node, MAX_PDU_SIZE),
+                pending_limits=_pending_limits(node),
             )
         except OSError as err:
             raise ConfigError(f"cannot listen on {node.host}:{node.port}: {err}") from err
-        assert server is not None
+        assert isinstance(server, GuardedServer)
+        thread = threading.Thread(
+            target=server.serve_forever, name=f"coronet-listener-{node.port}", daemon=True
+        )
+        thread.start()
         return server
 
     def start(self, block: bool = False) -> None:
@@ -116,7 +167,10 @@ class DicomNode:
         # Stream each received data set to a temporary file instead of memory.
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True
-        removed = self.spool.remove_temporary()
+        install_temp_files()
+        quiet_tripped_connections()
+        self.spool.prepare()
+        removed = self.spool.remove_temporary() + self.temp_files.sweep()
         if removed:
             logger.info("removed %d partial writes from the spool", removed)
         self._stopped.clear()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import shutil
 import socket
@@ -80,6 +81,7 @@ class OrthancServer:
     log_path: Path
     credentials: tuple[str, str] | None = None
     host: str = LOOPBACK
+    pid: int = 0
 
     @property
     def base_url(self) -> str:
@@ -245,7 +247,7 @@ def running_orthanc(
         wait_until(
             lambda: _ready(server, proc), startup_timeout_s, "Orthanc to answer", POLL_INTERVAL_S
         )
-        yield server
+        yield dataclasses.replace(server, pid=proc.pid)
 
 
 def _ready(server: OrthancServer, proc: ChildProcess) -> bool:
