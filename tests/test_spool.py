@@ -195,3 +195,16 @@ def test_empty_or_missing_spool_has_no_studies(tmp_path: Path) -> None:
     (root / "not-a-study").mkdir()
     (root / "node.pid").write_text(str(os.getpid()))
     assert Spool(root).study_keys() == []
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("1.2.3.4.5.6.7.\u00e9", "1.2.3.4.5.6.7.\u00fc"),
+        ("1.2.3.\udce9", "1.2.3.\udcfc"),  # undecodable bytes, kept by surrogateescape
+    ],
+)
+def test_uids_that_differ_in_one_non_ascii_character_get_different_keys(
+    first: str, second: str
+) -> None:
+    assert key_for(first) != key_for(second)

@@ -13,6 +13,7 @@ Every command is reachable as ``main([...])`` so that tests can call it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,7 +28,7 @@ from dicom_node.cli import (
     run_cmd,
     worker_cmd,
 )
-from dicom_node.cli.common import EXIT_FAILED, EXIT_USAGE, Handler, Registrar
+from dicom_node.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Handler, Registrar
 from dicom_node.core.errors import ConfigError, CoronetError
 from dicom_node.core.logs import configure_logging
 
@@ -76,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except BrokenPipeError:
+        # The reader went away (e.g. `coronet aet list | head`): not a failure of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

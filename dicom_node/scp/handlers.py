@@ -128,7 +128,7 @@ def handle_requested(
         )
     if rejection is None:
         return
-    logger.info("rejected association from %s: %s", assoc.requestor.address, rejection.why)
+    logger.warning("rejected association from %s: %s", assoc.requestor.address, rejection.why)
     assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
     assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the peer closed (PS3.8 9.1.4)
 

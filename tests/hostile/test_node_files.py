@@ -33,7 +33,7 @@ from tests.support.dicom_data import (
     VERIFICATION,
     make_instance,
 )
-from tests.support.hostile_node import hostile_config, hostile_node
+from tests.support.hostile_node import MAX_GROWTH, hostile_config, hostile_node
 from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.settings import NODE_AET, write_config
@@ -141,7 +141,7 @@ def test_a_full_disk_answers_out_of_resources_and_the_node_lives_on(
     copies = [tmp_path / "in" / f"{n}.dcm" for n in range(5)]
     for path in copies:
         make_instance(RG1_UNCR, path)
-    with hostile_node(data, tmp_path) as node:
+    with hostile_node(data, tmp_path) as node, node.growth() as growth:
         assoc = _associate(node.port)
         answers = [int(assoc.send_c_store(path).Status) for path in copies]
         # Still answering on the same association: no dead thread, no silence.
@@ -159,6 +159,7 @@ def test_a_full_disk_answers_out_of_resources_and_the_node_lives_on(
         assert [int(assoc.send_c_store(p).Status) for p in copies[3:]] == [statuses.SUCCESS] * 2
         assoc.release()
         assert node.echo_seconds() < 5
+    assert growth.bytes < MAX_GROWTH
 
 
 def test_a_spool_folder_that_is_a_file_is_a_configuration_error(

@@ -108,49 +108,55 @@ def test_a_partial_associate_request_is_closed_within_the_acse_timeout(
     node: HostileNode, how: str
 ) -> None:
     request = associate_rq("SCU", NODE_AET)
-    sock = connect(node.port, "127.0.0.3")
-    started = time.monotonic()
-    sock.sendall(request[:6])  # the header only
-    if how == "trickle":
-        for byte in request[6:40]:  # one byte every 0.2 s: never done in time
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:
-                break
-            time.sleep(0.2)
-    closed = seconds_until_closed(sock, ACSE_TIMEOUT_S + 5)
-    sock.close()
+    with node.growth() as growth:
+        sock = connect(node.port, "127.0.0.3")
+        started = time.monotonic()
+        sock.sendall(request[:6])  # the header only
+        if how == "trickle":
+            for byte in request[6:40]:  # one byte every 0.2 s: never done in time
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.2)
+        closed = seconds_until_closed(sock, ACSE_TIMEOUT_S + 5)
+        sock.close()
     assert closed is not None
     assert time.monotonic() - started <= ACSE_TIMEOUT_S + SLACK_S
+    assert growth.bytes < MAX_GROWTH
 
 
 def test_pending_connections_take_no_association_slot(node: HostileNode) -> None:
     """Partial requests up to the pending cap, from other peers: a PACS is still served."""
     request = associate_rq("SCU", NODE_AET)
-    partial = [connect(node.port, f"127.0.4.{n}") for n in range(2, 2 + 8)]
-    try:
-        for sock in partial:
-            sock.sendall(request[:20])
-        wait_until(lambda: _pending(node) >= 8, 5, "the partial requests to be accepted")
-        assert node.echo_seconds() < 5.0
-    finally:
-        for sock in partial:
-            sock.close()
+    with node.growth() as growth:
+        partial = [connect(node.port, f"127.0.4.{n}") for n in range(2, 2 + 8)]
+        try:
+            for sock in partial:
+                sock.sendall(request[:20])
+            wait_until(lambda: _pending(node) >= 8, 5, "the partial requests to be accepted")
+            assert node.echo_seconds() < 5.0
+        finally:
+            for sock in partial:
+                sock.close()
+    assert growth.bytes < MAX_GROWTH
 
 
 def test_a_peer_over_its_pending_cap_is_refused_at_once(node: HostileNode) -> None:
     cap = LIMITS["max_pending_per_peer"]
-    held = [connect(node.port, "127.0.5.2") for _ in range(cap)]
-    try:
-        wait_until(lambda: _pending(node, "127.0.5.2") >= cap, 5, "the first connections")
-        extra = connect(node.port, "127.0.5.2")
-        closed = seconds_until_closed(extra, 2)
-        extra.close()
-        assert closed is not None and closed < 1.0
-        assert node.echo_seconds() < 5.0  # others are still served
-    finally:
-        for sock in held:
-            sock.close()
+    with node.growth() as growth:
+        held = [connect(node.port, "127.0.5.2") for _ in range(cap)]
+        try:
+            wait_until(lambda: _pending(node, "127.0.5.2") >= cap, 5, "the first connections")
+            extra = connect(node.port, "127.0.5.2")
+            closed = seconds_until_closed(extra, 2)
+            extra.close()
+            assert closed is not None and closed < 1.0
+            assert node.echo_seconds() < 5.0  # others are still served
+        finally:
+            for sock in held:
+                sock.close()
+    assert growth.bytes < MAX_GROWTH
     assert "refused connection from 127.0.5.2" in node.process.text()
 
 
@@ -179,10 +185,12 @@ def test_an_established_association_that_stops_mid_pdu_is_closed(node: HostileNo
     assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
     assert assoc.is_established
     sock = _raw_socket(assoc)
-    started = time.monotonic()
-    sock.sendall(b"\x04\x00\x00\x00\x10\x00" + b"\0" * 100)  # 4 KB announced, 100 B sent
-    wait_until(lambda: not assoc.is_established, NETWORK_TIMEOUT_S + 10, "the deadline")
+    with node.growth() as growth:
+        started = time.monotonic()
+        sock.sendall(b"\x04\x00\x00\x00\x10\x00" + b"\0" * 100)  # 4 KB announced, 100 sent
+        wait_until(lambda: not assoc.is_established, NETWORK_TIMEOUT_S + 10, "the deadline")
     assert time.monotonic() - started <= NETWORK_TIMEOUT_S + SLACK_S + 1
+    assert growth.bytes < MAX_GROWTH
 
 
 def _raw_socket(assoc: Association) -> socket.socket:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.attacks import associate_rq, connect, seconds_until_closed
 from tests.support.certificates import Certificate
-from tests.support.hostile_node import HostileNode, hostile_config, hostile_node
+from tests.support.hostile_node import MAX_GROWTH, HostileNode, hostile_config, hostile_node
 from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.settings import NODE_AET
@@ -44,17 +44,19 @@ def test_a_pacs_is_served_while_silent_and_partial_tls_connections_wait(
     node: HostileNode, certificate: Certificate
 ) -> None:
     context = _client_context(certificate)
-    silent = [connect(node.port, f"127.0.6.{n}") for n in range(2, 7)]  # 5, no handshake
-    partial = [connect(node.port, f"127.0.7.{n}", tls=context) for n in range(2, 5)]
-    try:
-        for sock in partial:
-            sock.sendall(associate_rq("SCU", NODE_AET)[:6])  # 3 partial requests over TLS
-        wait_until(lambda: len(node.connections()) >= 8, 5, "the attackers' connections")
-        took = node.echo_seconds(tls=(context, "localhost"))
-        assert took < 5.0
-    finally:
-        for sock in silent + partial:
-            sock.close()
+    with node.growth() as growth:
+        silent = [connect(node.port, f"127.0.6.{n}") for n in range(2, 7)]  # 5, no handshake
+        partial = [connect(node.port, f"127.0.7.{n}", tls=context) for n in range(2, 5)]
+        try:
+            for sock in partial:
+                sock.sendall(associate_rq("SCU", NODE_AET)[:6])  # 3 partial requests over TLS
+            wait_until(lambda: len(node.connections()) >= 8, 5, "the attackers' connections")
+            took = node.echo_seconds(tls=(context, "localhost"))
+            assert took < 5.0
+        finally:
+            for sock in silent + partial:
+                sock.close()
+    assert growth.bytes < MAX_GROWTH
 
 
 def test_a_silent_tls_connection_is_closed_at_its_handshake_deadline(
@@ -66,7 +68,9 @@ def test_a_silent_tls_connection_is_closed_at_its_handshake_deadline(
     sock.close()
     assert closed is not None
     assert time.monotonic() - started < 12.0  # the 10 s handshake deadline
-    assert "TLS handshake with 127.0.8.2 failed" in node.process.text()
+    wait_until(
+        lambda: "TLS handshake with 127.0.8.2 failed" in node.process.text(), 5, "the log line"
+    )
 
 
 def test_a_failed_handshake_is_logged_once_with_the_peer(node: HostileNode) -> None:
