@@ -125,6 +125,10 @@ class Decoder:
         if process is not None and process.poll() is None:
             return process
         if process is not None:
+            logger.warning(
+                "decoder process %d had stopped (%s); starting a new one",
+                process.pid, self._death(process),
+            )  # fmt: skip
             self._stop(kill=True)
             self.restarts += 1
         argv = [sys.executable, "-m", "worker.decoder", "--memory-mb", str(self.limits.memory_mb)]
@@ -182,6 +186,8 @@ class Decoder:
         with self._lock:
             try:
                 return self._load(path)
+            except InvalidImageError:  # the bundle's reason: the child is fine
+                raise
             except DecoderError as err:
                 logger.warning("decoder process failed (%s); starting a new one", err)
                 self._stop(kill=True)
