@@ -120,7 +120,9 @@ def jpeg_header(data: bytes) -> CodestreamHeader:
         raise CodestreamError("no JPEG start of image (SOI)")
     offset = 2
     while True:
-        if offset >= len(data) or data[offset] != 0xFF:
+        if offset >= len(data):
+            raise CodestreamError("the JPEG header is cut short before its frame header")
+        if data[offset] != 0xFF:
             raise CodestreamError(f"no JPEG marker at byte {offset} before the frame header")
         while offset < len(data) and data[offset] == 0xFF:  # fill bytes (B.1.1.2)
             offset += 1

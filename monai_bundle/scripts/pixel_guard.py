@@ -170,7 +170,7 @@ class _Value:
 
 
 def _locate(ds: Dataset) -> _Value:
-    element = ds.get_item(PIXEL_DATA_TAG) if PIXEL_DATA_TAG in ds else None
+    element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True) if PIXEL_DATA_TAG in ds else None
     if element is None:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         detail = f" ({other[0]} is not supported)" if other else ""
