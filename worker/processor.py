@@ -49,7 +49,7 @@ from dicom_node.core.settings import Settings
 from dicom_node.core.spool import Spool
 from worker.delivery import SendFn
 from worker.locks import InstanceCounters, InstanceLocks
-from worker.outbox import Outbox, SourceRecord
+from worker.outbox import WHOLE_STUDY, Outbox, SourceRecord
 from worker.results.outcome import Prediction
 from worker.rounds import DeliveryRound, deliver, give_up, settle
 
@@ -130,7 +130,10 @@ class StudyReport:
     def retry_reasons(self) -> str:
         """Why a retry is worth it, one clause per destination or unreadable instance."""
         reasons = [f"{k}: {v}" for k, v in sorted(self.delivery.waiting.items())]
-        reasons += [f"instance {k}: {v}" for k, v in sorted(self.unreadable.items())]
+        reasons += [
+            f"{'the study' if k == WHOLE_STUDY else 'instance ' + k}: {v}"
+            for k, v in sorted(self.unreadable.items())
+        ]
         return "; ".join(reasons)
 
     def add_timing(self, name: str, seconds: float) -> None:
@@ -162,20 +165,22 @@ class StudyProcessor:
 
     def targets(self, study_key: str, instance_keys: Sequence[str] | None) -> list[str]:
         """Pending instances of the study, restricted to ``instance_keys`` when given, then the
-        named instances that the spool does not hold (and that were not dead-lettered).
+        instances whose file is missing: named ones the spool does not hold, or (for the whole
+        study) those queued whose file is gone; dead-lettered ones excepted.
 
         Raises :class:`StudyNotInSpool` when the whole study is missing and no instance is
         named.
         """
         try:
             records = self.spool.instances(study_key)
+            lost = self.spool.lost_instances(study_key)
         except IngestError as err:
             if instance_keys is None:
                 raise StudyNotInSpool(str(err)) from err
-            records = []
+            records, lost = [], []
         pending = [r.instance_key for r in records if r.selected and not r.done]
         if instance_keys is None:
-            return pending
+            return pending + lost
         wanted = list(dict.fromkeys(instance_keys))
         known = {r.instance_key for r in records}
         missing = [
@@ -341,15 +346,15 @@ class StudyProcessor:
 
     def _study_not_in_spool(self, report: StudyReport, reason: str, final_attempt: bool) -> None:
         study_key = report.study_key
-        failures = self.counters.read_failures.increment(study_key, "study")
+        failures = self.counters.read_failures.increment(study_key, WHOLE_STUDY)
         limit = self.policy.max_read_attempts
         if failures < limit and not final_attempt:
             logger.error(
                 "study %s: %s (attempt %d of %d; will retry)", study_key, reason, failures, limit
             )
-            report.unreadable["(whole study)"] = reason
+            report.unreadable[WHOLE_STUDY] = reason
             return
-        self.counters.read_failures.reset(study_key, "study")
+        self.counters.read_failures.reset(study_key, WHOLE_STUDY)
         why = f"the study is not in the spool after {failures} attempts: {reason}"
         self.outbox.dead_letter_study(study_key, why)
         report.failed += 1
@@ -392,7 +397,9 @@ def log_study(report: StudyReport) -> None:
     delivery = report.delivery
     if report.waiting:
         waiting = sorted(delivery.waiting) if not report.given_up else []
-        if report.unreadable:
+        if WHOLE_STUDY in report.unreadable:
+            waiting.append("the study to appear in the spool")
+        elif report.unreadable:
             waiting.append(f"{len(report.unreadable)} unreadable instances")
         state = f"waiting for {', '.join(waiting)} (will retry)"
     elif report.results:
