@@ -187,7 +187,7 @@ class ModelSettings(_Model):
         ge=64,
         le=1 << 20,
         description="memory (address space, MB) the decoder process may add to its start-up "
-        "size for one image; a 25 Mpx image needs about 800",
+        "size for one image; a 25 Mpx image needs about 700",
     )
 
     @field_validator("device")
