@@ -32,7 +32,7 @@ import torch
 from pydicom.dataset import Dataset
 
 from dicom_node.core.chest import assessment_reasons
-from dicom_node.core.errors import ResultError
+from dicom_node.core.errors import ResultError, describe_error
 from dicom_node.core.settings import ResultSettings, SelectionRules
 from monai_bundle.scripts.dicom_image import Image2D, image_header_problems
 from worker.decoder import Decoder
@@ -54,8 +54,6 @@ DATA_ERRORS: Final = (
     NotImplementedError,
     ResultError,
 )
-#: Longest error text kept as a reason.
-REASON_MAX: Final = 300
 
 
 @dataclass(frozen=True)
@@ -107,14 +105,6 @@ def assess(
     return Assessment(prediction, image, timings, pixels)
 
 
-def failure_reason(err: BaseException) -> str:
-    """The reason an unexpected error gives an unassessable result (type and message)."""
-    text = " ".join(str(err).split()) or "no detail"
-    if len(text) > REASON_MAX:
-        text = text[: REASON_MAX - 3] + "..."
-    return f"could not be analysed: {type(err).__name__}: {text}"
-
-
 def process_dataset(
     ds: Dataset,
     path: Path,
@@ -139,7 +129,7 @@ def process_dataset(
         outcome, sc = _analyse(ds, path, engine, results, rules, decoder, preset, timings)
     except DATA_ERRORS as err:
         logger.warning("image not assessable after %s during analysis", type(err).__name__)
-        outcome, sc = Unassessable((failure_reason(err),)), None
+        outcome, sc = Unassessable((f"could not be analysed: {describe_error(err)}",)), None
     start = time.perf_counter()
     sr = build_sr(
         ds,

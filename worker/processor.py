@@ -44,7 +44,7 @@ from typing import Final, Protocol
 
 from pydicom.dataset import Dataset
 
-from dicom_node.core.errors import IngestError, TransientDeliveryError
+from dicom_node.core.errors import IngestError, TransientDeliveryError, describe_error
 from dicom_node.core.settings import Settings
 from dicom_node.core.spool import Spool
 from worker.delivery import SendFn
@@ -58,8 +58,6 @@ logger = logging.getLogger(__name__)
 #: The header is read with values longer than this left in the file: the pixel data is read
 #: only by the decoder process, after its checks.
 HEADER_DEFER_SIZE: Final = 64 * 1024
-#: Longest error text kept in a dead letter.
-REASON_MAX: Final = 300
 
 
 class AnalysisResult(Protocol):
@@ -90,14 +88,6 @@ class IsolationPolicy:
 
 class StudyNotInSpool(Exception):
     """A task names a study the spool does not hold."""
-
-
-def describe(err: BaseException) -> str:
-    """``Type: message`` of an error, on one line and at most :data:`REASON_MAX` long."""
-    text = " ".join(str(err).split()) or "no detail"
-    if len(text) > REASON_MAX:
-        text = text[: REASON_MAX - 3] + "..."
-    return f"{type(err).__name__}: {text}"
 
 
 @dataclass
@@ -273,7 +263,7 @@ class StudyProcessor:
         except self.policy.fatal:
             raise
         except Exception as err:  # missing, unreadable, not DICOM: retried a bounded number
-            self._unreadable(report, instance_key, describe(err), final_attempt)
+            self._unreadable(report, instance_key, describe_error(err), final_attempt)
             return None
         report.add_timing("read", time.perf_counter() - started)
         self.counters.read_failures.reset(study_key, instance_key)
@@ -296,7 +286,7 @@ class StudyProcessor:
             self._unreadable(report, instance_key, str(err), final_attempt)
             return None
         except Exception as err:  # classified per instance: the study goes on
-            self._dead_letter(report, instance_key, f"cannot analyse: {describe(err)}")
+            self._dead_letter(report, instance_key, f"cannot analyse: {describe_error(err)}")
             return None
         finally:
             self.counters.starts.reset(study_key, instance_key)
