@@ -46,7 +46,7 @@ from monai_bundle.scripts.pixel_guard import DEFAULT_MAX_PIXELS, InvalidImageErr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UNSAFE", "DecodeLimits", "Decoder"]
+__all__ = ["UNSAFE", "DecodeLimits", "Decoder", "UnreadableFile"]
 
 #: How every reason from the second wall begins.
 UNSAFE: Final = "could not be decoded safely"
@@ -74,6 +74,11 @@ class DecodeLimits:
     timeout_s: float = 60.0
     memory_mb: int = 2048
     fallback_window: FallbackWindow = "minmax"
+
+
+class UnreadableFile(OSError):
+    """The child could not read the file (missing, I/O error): the file's fault, not the
+    image's; the caller may try again later."""
 
 
 class DecoderError(Exception):
@@ -181,12 +186,13 @@ class Decoder:
 
         Raises :class:`InvalidImageError` with the reason: the bundle's own (header, pixel data,
         decoding), or ``could not be decoded safely: ...`` when the child exceeded its memory
-        limit, took longer than the timeout or died; a fresh child is started then.
+        limit, took longer than the timeout or died; a fresh child is started then.  Raises
+        :class:`UnreadableFile` (an ``OSError``) when the child cannot read the file.
         """
         with self._lock:
             try:
                 return self._load(path)
-            except InvalidImageError:  # the bundle's reason: the child is fine
+            except (InvalidImageError, UnreadableFile):  # the image's or the file's fault
                 raise
             except DecoderError as err:
                 logger.warning("decoder process failed (%s); starting a new one", err)
@@ -215,6 +221,9 @@ class Decoder:
         self._send(process, json.dumps(request).encode() + b"\n")
         reply = json.loads(self._read_line(process, deadline))
         if not reply.get("ok"):
+            if "errno" in reply:
+                reason = f"the decoder cannot read the file: {reply['reason']}"
+                raise UnreadableFile(reply["errno"], reason)
             if reply.get("unsafe"):
                 raise DecoderError(str(reply.get("reason")))
             raise InvalidImageError(str(reply.get("reason", "could not be decoded")))
@@ -300,6 +309,8 @@ def _decode(request: dict[str, Any], memory_mb: int) -> tuple[dict[str, Any], Im
         )
     except InvalidImageError as err:
         return {"ok": False, "reason": str(err)}, None
+    except OSError as err:  # the file, not the image: the caller may try again later
+        return {"ok": False, "errno": err.errno, "reason": err.strerror or str(err)}, None
     except MemoryError:
         reason = f"it needs more memory than the decoder's limit of {memory_mb} MB"
         return {"ok": False, "unsafe": True, "reason": reason}, None

@@ -18,8 +18,9 @@ study's other instances are analysed and delivered:
 
 * the pipeline turns bad images into "unassessable" results (an SR "Not Evaluated" with the
   reason);
-* an instance whose file is missing or unreadable stays pending and the task is retried, up
-  to ``max_read_attempts`` times per instance (counted in Redis, so across tasks); then it is
+* an instance whose file is missing or unreadable (also when the decoder process cannot read
+  it, or the outbox cannot be written) stays pending and the task is retried, up to
+  ``max_read_attempts`` times per instance (counted in Redis, so across tasks); then it is
   dead-lettered;
 * any other error while analysing it or storing its results (e.g. a header from which no SR
   can be built, a failing model) dead-letters that instance with the reason;
@@ -282,8 +283,8 @@ class StudyProcessor:
             return self._store(report, instance_key, result, received)
         except self.policy.fatal:
             raise
-        except TransientDeliveryError as err:  # the outbox cannot be written now
-            self._unreadable(report, instance_key, str(err), final_attempt)
+        except (TransientDeliveryError, OSError) as err:  # the file or the outbox, not the data
+            self._unreadable(report, instance_key, describe_error(err), final_attempt)
             return None
         except Exception as err:  # classified per instance: the study goes on
             self._dead_letter(report, instance_key, f"cannot analyse: {describe_error(err)}")

@@ -22,7 +22,7 @@ from tests.support.dicom_data import RG1_UNCR
 from tests.support.hostile import encoded, j2k_siz_bomb
 from tests.support.polling import wait_until
 from tests.support.results import phantom_source
-from worker.decoder import UNSAFE, DecodeLimits, Decoder
+from worker.decoder import UNSAFE, DecodeLimits, Decoder, UnreadableFile
 
 #: What the decoder process may grow to while it refuses a bomb (it starts at about 50 MiB).
 REFUSING_PEAK_MIB = 200
@@ -90,6 +90,18 @@ def test_an_image_beyond_the_memory_limit_is_not_decoded_safely_and_the_next_one
         )
         assert decoder.restarts == 1 and decoder.pid not in (None, first)
         assert decoder.load(small).shape == (256, 256)
+
+
+def test_a_file_the_decoder_cannot_read_is_the_file_s_fault_not_the_image_s(
+    tmp_path: Path,
+) -> None:
+    with _decoder() as decoder:
+        pid = decoder.pid
+        with pytest.raises(UnreadableFile) as caught:
+            decoder.load(tmp_path / "gone.dcm")
+        assert caught.value.errno == errno.ENOENT
+        assert str(tmp_path) not in str(caught.value)  # no path in a reason
+        assert decoder.pid == pid
 
 
 @pytest.fixture(name="fifo")

@@ -9,6 +9,7 @@ poison instance) replace the model with :class:`StandInModel`.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ from tests.support.results import StandInModel, phantom_source
 from tests.support.scp import RecordingSCP
 from tests.support.settings import node_settings
 from worker.celery_app import make_app
-from worker.decoder import DecodeLimits, Decoder
+from worker.decoder import DecodeLimits, Decoder, UnreadableFile
 from worker.delivery import Sender
 from worker.engine import Engine, load_engine
 from worker.locks import InstanceCounters, InstanceLocks
@@ -49,7 +50,11 @@ from worker.pipeline import process_dataset
 from worker.processor import Analyse, AnalysisResult, StudyProcessor, StudyReport
 from worker.results.sr import SRSummary, read_sr
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # Some instances here carry invalid values on purpose; reading them back warns.
+    pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
+]
 
 BUNDLE = Path(monai_bundle.__file__).resolve().parent
 
@@ -407,6 +412,29 @@ def test_a_spooled_file_that_comes_back_before_the_last_attempt_is_analysed(
     summary, letter = _outcome(settings, late)
     assert summary is not None and letter is None
     assert Spool(settings.storage.spool_dir).pending_studies() == []
+
+
+def test_a_file_that_cannot_be_read_while_analysed_is_tried_again_not_reported(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP, settings: Settings
+) -> None:
+    valid, flaky = _study(settings, tmp_path, _second_phantom)
+    model = StandInModel(settings=settings.results)
+    failures = [UnreadableFile(errno.EIO, "the decoder cannot read the file: I/O error")]
+
+    def analyse(dataset: Dataset, path: Path) -> AnalysisResult:
+        if key_for(str(dataset.SOPInstanceUID)) == flaky.instance_key and failures:
+            raise failures.pop()
+        return model(dataset, path)
+
+    processor = _processor(settings, redis, analyse)
+    first = processor.run(valid.study_key, None, "task")
+    assert first.waiting and first.failed == 0
+    assert "OSError" not in first.unreadable[flaky.instance_key]
+    assert "I/O error" in first.unreadable[flaky.instance_key]
+    second = processor.run(valid.study_key, None, "task")
+    assert not second.waiting and second.analysed == 1
+    summary, letter = _outcome(settings, flaky)
+    assert summary is not None and letter is None
 
 
 def test_an_instance_whose_analysis_keeps_killing_the_worker_is_dead_lettered_alone(

@@ -54,7 +54,11 @@ from tests.support.storescp import StoreSCP, running_storescp
 from worker.outbox import Outbox
 from worker.results.sr import read_sr
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # Some instances here carry invalid values on purpose; reading them back warns.
+    pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
+]
 
 BUNDLE = Path(monai_bundle.__file__).resolve().parent
 #: The bound on the peak resident memory of all worker processes together.
