@@ -160,6 +160,20 @@ def test_task_state(spool: Spool) -> None:
     assert (skipped.selected, skipped.reason, skipped.done) == (False, "view position LL", False)
 
 
+def test_a_queued_instance_whose_file_is_gone_is_lost_until_done(spool: Spool) -> None:
+    a = spool.store(io.BytesIO(b"a"), SOP_A, STUDY)
+    b = spool.store(io.BytesIO(b"b"), SOP_B, STUDY)
+    spool.store(io.BytesIO(b"c"), SOP_C, STUDY)  # never queued: not the worker's yet
+    study = a.study_key
+    spool.mark_queued(study, [a.instance_key, b.instance_key])
+    for stored in (a, spool.store(io.BytesIO(b"c"), SOP_C, STUDY)):
+        stored.path.unlink()
+    assert spool.lost_instances(study) == [a.instance_key]
+    assert a.instance_key not in spool.pending_instances(study)
+    spool.mark_done(study, [a.instance_key])
+    assert spool.lost_instances(study) == []
+
+
 def test_instance_without_metadata_counts_as_pending(spool: Spool) -> None:
     stored = spool.store(io.BytesIO(b"x"), SOP_A, STUDY, selected=False)
     stored.path.with_suffix(".json").unlink()  # as after a crash before the folder fsync

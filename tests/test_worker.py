@@ -87,6 +87,7 @@ def test_backoff_is_exponential_with_jitter(
         ({"retry_backoff_max": 4000.0}, "longest retry countdown"),
         ({"concurrency": 0}, "concurrency"),
         ({"max_retries": -1}, "must not be negative"),
+        ({"max_read_attempts": 0}, "max read attempts must be at least 1"),
     ],
 )
 def test_worker_options_are_checked(options: dict[str, Any], message: str) -> None:

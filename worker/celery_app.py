@@ -16,6 +16,10 @@ Delivery guarantees (Redis broker):
 * the visibility timeout is longer than the task time limit and than the longest retry
   countdown, so a running or waiting task is never handed to a second worker;
 * a message started more than ``max_redeliveries + 1`` times is dead-lettered (no poison loop);
+  before that, an instance whose analysis started ``max_redeliveries`` times without finishing
+  is dead-lettered alone and the rest of its study goes on (:mod:`worker.processor`);
+* a task is retried, with the same backoff, while one of its instances cannot be read from the
+  spool, at most ``max_read_attempts`` times per instance;
 * JSON only; one queue (``broker.queue``, or ``--queue``), so GPU and CPU pools can be routed
   to different queues.
 """
@@ -158,7 +162,7 @@ def register_tasks(
         study_key = task.study_key
         task_id = str(self.request.id)
         retries = int(self.request.retries or 0)
-        processor = runtime.processor(analyse)
+        processor = runtime.processor(analyse, fatal=(SoftTimeLimitExceeded,))
         attempt = AttemptCounter(runtime.redis()).count(task_id, retries)
         if attempt > options.max_redeliveries + 1:
             processor.dead_letter_study(
@@ -183,7 +187,7 @@ def register_tasks(
             delay = backoff_delay(
                 retries, options.retry_backoff, options.retry_backoff_max, jitter=True
             )
-            reasons = "; ".join(f"{k}: {v}" for k, v in sorted(report.delivery.waiting.items()))
+            reasons = report.retry_reasons()
             logger.warning(
                 "study %s: retry %d of %d in %.1f s (%s)",
                 study_key,

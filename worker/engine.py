@@ -3,8 +3,11 @@
 The bundle's own ``configs/inference.json`` defines the network, the pre-processing, the
 classes and the attribution presets (the config ids ``network``, ``preprocessing``,
 ``inferer``, ``postprocessing``, ``class_names``, ``classes``, ``attribution`` and
-``checkpoint`` are the contract), so the worker computes exactly what
-``python -m monai.bundle run --config_file configs/inference.json`` computes.
+``checkpoint`` are the contract, and ``fallback_window`` when present), so the worker computes
+exactly what ``python -m monai.bundle run --config_file configs/inference.json`` computes.
+The worker decodes DICOM images in its decoder process (:mod:`worker.decoder`) with the
+bundle's ``load_dicom_image`` and the bundle's ``fallback_window``, and hands the decoded
+image to :meth:`Engine.prepare`, whose pre-processing then only resizes it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ import monai_bundle.scripts
 from dicom_node.core.errors import InferenceError
 from monai_bundle.scripts.attribution import Explanation, PerturbationConfig, explain
 from monai_bundle.scripts.classes import ModelClass, load_classes
+from monai_bundle.scripts.dicom_image import FallbackWindow, Image2D
 from monai_bundle.scripts.inference import input_error
 from monai_bundle.scripts.networks import load_coronet_weights
 from monai_bundle.scripts.training import resolve_device
@@ -37,6 +41,7 @@ from worker.results.outcome import AlgorithmInfo, Prediction
 logger = logging.getLogger(__name__)
 
 ALGORITHM_NAME = "CoroNet"
+FALLBACK_WINDOWS: tuple[FallbackWindow, ...] = ("minmax", "percentile")
 INFERENCE_CONFIG = Path("configs") / "inference.json"
 METADATA = Path("configs") / "metadata.json"
 _PACKAGED_BUNDLE = Path(monai_bundle.__file__).resolve().parent
@@ -79,13 +84,15 @@ class Engine:
     model_version: str
     algorithm: AlgorithmInfo
     device: torch.device
+    fallback_window: FallbackWindow = "minmax"
 
     @property
     def class_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.classes)
 
-    def prepare(self, source: Dataset | Path) -> torch.Tensor:
-        """The model input ``1 x S x S`` for a DICOM dataset or an image file.
+    def prepare(self, source: Image2D | Dataset | Path) -> torch.Tensor:
+        """The model input ``1 x S x S`` for a decoded image (float32 HxW in [0, 1], as the
+        bundle's ``load_dicom_image`` makes it), a DICOM dataset or an image file.
 
         Raises ``ValueError`` (the bundle's ``InvalidImageError``) for images it cannot use.
         """
@@ -167,6 +174,9 @@ def load_engine(
     except (OSError, ValueError) as err:
         raise InferenceError(f"the bundle's classes are unusable: {err}") from err
     presets = dict(parser.get_parsed_content("attribution"))
+    fallback_window = parser.get_parsed_content("fallback_window", default="minmax")
+    if fallback_window not in FALLBACK_WINDOWS:
+        raise InferenceError(f"the bundle's fallback_window {fallback_window!r} is unknown")
     engine = Engine(
         network=network,
         preprocessing=parser.get_parsed_content("preprocessing"),
@@ -176,6 +186,7 @@ def load_engine(
         model_version=model_version,
         algorithm=algorithm,
         device=torch_device,
+        fallback_window=cast(FallbackWindow, fallback_window),
     )
     logger.info(
         "loaded CoroNet %s (%s, weights %s...) on %s in %.1f s",

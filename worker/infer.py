@@ -9,7 +9,8 @@ For each input it writes, into ``--out``:
 - ``<stem>.png`` with ``--png``: the heatmap overlay as a picture.
 
 A file that is not readable DICOM is reported and skipped; the rest go on.  The exit status is
-1 when any file failed.
+1 when any file failed.  Images are decoded as in the worker: checked first, then decoded in a
+decoder process with the limits of ``model.*`` (:mod:`worker.decoder`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from tqdm.auto import tqdm
 
 from dicom_node.core.errors import CoronetError
 from dicom_node.core.settings import Settings
-from monai_bundle.scripts.preprocessing import is_dicom_file
+from monai_bundle.scripts.dicom_image import DEFER_SIZE, is_dicom_file
+from worker.decoder import Decoder
 from worker.engine import Engine, load_engine
 from worker.pipeline import InstanceResult, process_dataset
 from worker.results.outcome import Prediction
 from worker.results.render import save_png
+from worker.runtime import decode_limits
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -67,13 +70,17 @@ def infer_file(
     settings: Settings,
     out: Path,
     *,
+    decoder: Decoder,
     preset: str | None,
     png: bool,
 ) -> dict[str, Any]:
-    """Process one file; raises ``InvalidDicomError``/``OSError`` for unreadable files."""
+    """Process one file; raises ``InvalidDicomError``/``OSError`` for unreadable files and
+    ``ResultError`` for a header no result can be built from."""
     start = time.perf_counter()
-    ds = pydicom.dcmread(path)
-    result = process_dataset(ds, engine, settings.results, settings.selection, preset=preset)
+    ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+    result = process_dataset(
+        ds, path, engine, settings.results, settings.selection, decoder=decoder, preset=preset
+    )
     record = summary(path, result, engine, time.perf_counter() - start)
     stem = path.stem
     if result.sr is not None:
@@ -111,14 +118,17 @@ def run_infer(
         bundle_dir or settings.model.bundle_dir, device or settings.model.device, weights
     )
     failures: dict[str, str] = {}
-    for path in tqdm(paths, desc="coronet infer", unit="img", disable=len(paths) < 2):
-        try:
-            record = infer_file(path, engine, settings, out, preset=preset, png=png)
-        except (InvalidDicomError, OSError, ValueError, CoronetError) as err:
-            failures[str(path)] = f"{type(err).__name__}: {err}"
-            tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
-            continue
-        tqdm.write(f"{path.name}: {record['predicted'] or 'not assessable'}")
+    with Decoder(decode_limits(settings, engine)) as decoder:
+        for path in tqdm(paths, desc="coronet infer", unit="img", disable=len(paths) < 2):
+            try:
+                record = infer_file(
+                    path, engine, settings, out, decoder=decoder, preset=preset, png=png
+                )
+            except (InvalidDicomError, OSError, ValueError, CoronetError) as err:
+                failures[str(path)] = f"{type(err).__name__}: {err}"
+                tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
+                continue
+            tqdm.write(f"{path.name}: {record['predicted'] or 'not assessable'}")
     print(f"{len(paths) - len(failures)} of {len(paths)} files processed; results in {out}")
     for name, why in failures.items():
         print(f"  failed: {name}: {why}", file=sys.stderr)

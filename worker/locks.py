@@ -1,4 +1,5 @@
-"""Coordination of workers through Redis: per-instance locks and per-message start counts."""
+"""Coordination of workers through Redis: per-instance locks and counts, per-message start
+counts."""
 
 from __future__ import annotations
 
@@ -63,3 +64,35 @@ class AttemptCounter:
             pipe.expire(name, ATTEMPTS_TTL_S)
             attempts, _ = pipe.execute()
         return int(attempts)
+
+
+class InstanceCounter:
+    """A count per spooled instance in Redis, e.g. how often its analysis started or its file
+    could not be read; kept for :data:`ATTEMPTS_TTL_S` after the last change."""
+
+    def __init__(self, client: redis.Redis, kind: str) -> None:
+        self._client = client
+        self._kind = kind
+
+    def _name(self, study_key: str, instance_key: str) -> str:
+        return f"{KEY_PREFIX}{self._kind}:{study_key}:{instance_key}"
+
+    def increment(self, study_key: str, instance_key: str) -> int:
+        """Add one and return the new count."""
+        name = self._name(study_key, instance_key)
+        with self._client.pipeline() as pipe:
+            pipe.incr(name)
+            pipe.expire(name, ATTEMPTS_TTL_S)
+            count, _ = pipe.execute()
+        return int(count)
+
+    def reset(self, study_key: str, instance_key: str) -> None:
+        self._client.delete(self._name(study_key, instance_key))
+
+
+class InstanceCounters:
+    """The per-instance counts the study processor keeps: analysis starts and failed reads."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.starts = InstanceCounter(client, "starts")
+        self.read_failures = InstanceCounter(client, "read-failures")

@@ -33,6 +33,10 @@ class WorkerOptions:
     retry_backoff: float = 2.0
     retry_backoff_max: float = 300.0
     max_redeliveries: int = 3
+    """Redeliveries of a message whose worker was lost; also how often one instance's analysis
+    may start without finishing before it is dead-lettered (at least once)."""
+    max_read_attempts: int = 3
+    """Tries to read a spooled instance (or find its study) before it is dead-lettered."""
     gpu_count: int | None = None
     threads: int | None = None
     """torch CPU threads per pool process; None: the cores shared between the processes."""
@@ -51,6 +55,8 @@ class WorkerOptions:
             problems.append("the visibility timeout must exceed the longest retry countdown")
         if self.max_retries < 0 or self.max_redeliveries < 0:
             problems.append("max retries and max redeliveries must not be negative")
+        if self.max_read_attempts < 1:
+            problems.append("max read attempts must be at least 1")
         if self.retry_backoff <= 0 or self.retry_backoff_max < self.retry_backoff:
             problems.append("need 0 < retry backoff <= retry backoff max")
         if problems:

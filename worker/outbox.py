@@ -19,7 +19,12 @@ On-disk format (version 1)::
                                           it again
       dead-letter/sources/<study_key>/<instance_key>.json
                                           {"reason", "at"}: the instance could not be analysed
-                                          (unreadable, internal error, redelivered too often)
+                                          (unreadable or missing after bounded retries, no
+                                          result can be built from its header, internal error,
+                                          its analysis or its task started too often)
+      dead-letter/studies/<study_key>.json
+                                          {"reason", "at"}: a task's whole study was not in the
+                                          spool after bounded retries
 
 ``<key>`` is the spool key (32 hex digits of the SHA-256) of the result's SOP Instance UID, and
 the study and instance keys are the spool's, so no file name comes from peer data.  Result UIDs
@@ -61,6 +66,9 @@ RESULTS: Final = "results"
 SOURCES: Final = "sources"
 DELIVERED: Final = "delivered"
 DEAD_LETTER: Final = "dead-letter"
+STUDIES: Final = "studies"
+#: The instance part of the key of a dead letter for a whole study.
+WHOLE_STUDY: Final = "*"
 _DESTINATION_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 #: Results of one source are sent in this order: the SR references the SC, so the SC goes first.
@@ -176,6 +184,9 @@ class Outbox:
             / f"{check_key(instance_key)}.json"
         )
 
+    def _dead_study_path(self, study_key: str) -> Path:
+        return self.root / DEAD_LETTER / STUDIES / f"{check_key(study_key)}.json"
+
     # ------------------------------------------------------------------ writing
 
     def put(
@@ -269,7 +280,15 @@ class Outbox:
             self._dead_source_path(study_key, instance_key), {"reason": reason, "at": _now_iso()}
         )
 
+    def dead_letter_study(self, study_key: str, reason: str) -> None:
+        """Record that a task's whole study could not be found or read in the spool."""
+        replace_json(self._dead_study_path(study_key), {"reason": reason, "at": _now_iso()})
+
     # ------------------------------------------------------------------ reading
+
+    def is_dead_source(self, study_key: str, instance_key: str) -> bool:
+        """Whether the source instance was dead-lettered (it will not be analysed again)."""
+        return self._dead_source_path(study_key, instance_key).exists()
 
     def source(self, study_key: str, instance_key: str) -> SourceRecord | None:
         """The analysis of a source instance, or None if it was not analysed yet."""
@@ -345,7 +364,20 @@ class Outbox:
         return letters
 
     def dead_sources(self) -> list[DeadLetter]:
+        """Source instances (key ``study/instance``) and whole studies (``study/*``) that could
+        not be analysed, with their reasons."""
         letters = []
+        for path in sorted((self.root / DEAD_LETTER / STUDIES).glob("*.json")):
+            data = read_json(path, "outbox record") or {}
+            letters.append(
+                DeadLetter(
+                    key=f"{path.stem}/{WHOLE_STUDY}",
+                    where="analysis",
+                    status=None,
+                    reason=str(data.get("reason", "")),
+                    at=str(data.get("at", "")),
+                )
+            )
         for path in sorted((self.root / DEAD_LETTER / SOURCES).glob("*/*.json")):
             data = read_json(path, "outbox record") or {}
             letters.append(
@@ -376,6 +408,7 @@ class Outbox:
 __all__ = [
     "KIND_ORDER",
     "STATES",
+    "WHOLE_STUDY",
     "DeadLetter",
     "Outbox",
     "ResultRecord",

@@ -1,9 +1,23 @@
 """From one source radiograph to the DICOM results: prediction, heatmap SC and SR.
 
-Used by the Celery task and by ``coronet infer``, so both give the same objects.  An image the
-model cannot assess (not a frontal chest CR/DX by :mod:`dicom_node.core.chest`, or pixel data
-the bundle cannot use) becomes an ``Unassessable`` outcome with its reasons: no class is ever
-made up for it.
+Used by the Celery task and by ``coronet infer``, so both give the same objects.  The source
+is a header (read with its pixel data deferred) and the path of its file; the pixel data is
+decoded once, by the decoder process (:mod:`worker.decoder`), and that one image feeds both the
+model and the heatmap SC.
+
+Every failure of one image is classified here:
+
+* an image the model cannot assess (not a frontal chest CR/DX by :mod:`dicom_node.core.chest`,
+  pixel data that does not match its header or exceeds the decode limits, an image that could
+  not be decoded safely) becomes an ``Unassessable`` outcome with its reasons: no class is ever
+  made up for it;
+* any other error that bad data can cause while analysing the image or building its results
+  (:data:`DATA_ERRORS`) also becomes ``Unassessable``, with the error as the reason;
+* the "Not Evaluated" SR is then built from the header; a header from which no SR can be built
+  (e.g. a missing or invalid UID) raises :class:`~dicom_node.core.errors.ResultError`, which the
+  study processor records as a dead letter for this instance;
+* failures of the model itself (:class:`~dicom_node.core.errors.InferenceError`) and of the
+  machine propagate: they say nothing about the image.
 """
 
 from __future__ import annotations
@@ -11,19 +25,35 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
 
 import torch
 from pydicom.dataset import Dataset
 
 from dicom_node.core.chest import assessment_reasons
+from dicom_node.core.errors import ResultError, describe_error
 from dicom_node.core.settings import ResultSettings, SelectionRules
-from monai_bundle.scripts.preprocessing import image_header_problems
+from monai_bundle.scripts.dicom_image import Image2D, image_header_problems
+from worker.decoder import Decoder
 from worker.engine import Engine
 from worker.results.outcome import Prediction, Unassessable
 from worker.results.sc import build_sc
+from worker.results.source import missing_attributes
 from worker.results.sr import build_sr
 
 logger = logging.getLogger(__name__)
+
+#: What malformed input raises from pydicom, numpy, highdicom or our builders.
+DATA_ERRORS: Final = (
+    ValueError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    ArithmeticError,
+    NotImplementedError,
+    ResultError,
+)
 
 
 @dataclass(frozen=True)
@@ -50,58 +80,56 @@ class Assessment:
     outcome: Prediction | Unassessable
     image: torch.Tensor | None  # the model input, when the image could be prepared
     timings: dict[str, float]
+    pixels: Image2D | None = None  # the decoded image at its native size, for the SC
 
 
-def assess(ds: Dataset, engine: Engine, rules: SelectionRules) -> Assessment:
-    """Check, pre-process and classify ``ds``; timings are in seconds."""
+def assess(
+    ds: Dataset, path: Path, engine: Engine, rules: SelectionRules, decoder: Decoder
+) -> Assessment:
+    """Check ``ds``, decode ``path`` in the decoder process, pre-process and classify it;
+    timings are in seconds."""
     timings: dict[str, float] = {}
-    reasons = assessment_reasons(ds, rules) + image_header_problems(ds)
+    reasons = assessment_reasons(ds, rules) + image_header_problems(ds, decoder.limits.max_pixels)
     if reasons:
         return Assessment(Unassessable(tuple(reasons)), None, timings)
     start = time.perf_counter()
     try:
-        image = engine.prepare(ds)
+        pixels = decoder.load(path)
+        image = engine.prepare(pixels)
     except ValueError as err:  # the bundle's InvalidImageError: a clear reason, not a crash
         return Assessment(Unassessable((str(err),)), None, timings)
     timings["preprocess_s"] = time.perf_counter() - start
     start = time.perf_counter()
     prediction = engine.predict(image)
     timings["inference_s"] = time.perf_counter() - start
-    return Assessment(prediction, image, timings)
+    return Assessment(prediction, image, timings, pixels)
 
 
 def process_dataset(
     ds: Dataset,
+    path: Path,
     engine: Engine,
     results: ResultSettings,
     rules: SelectionRules,
     *,
+    decoder: Decoder,
     preset: str | None = "fast",
 ) -> InstanceResult:
-    """Run the model on ``ds`` and build its SC (with the attribution ``preset``; none when
-    ``None``) and SR.
+    """Run the model on the header ``ds`` of the file ``path`` and build its SC (with the
+    attribution ``preset``; none when ``None``) and SR (see the module docstring).
 
-    Raises ``InferenceError`` only when the model itself fails; bad images give an
-    ``Unassessable`` outcome.
+    Raises ``ResultError`` when the header allows no result at all, ``InferenceError`` when
+    the model itself fails; bad images give an ``Unassessable`` outcome.
     """
-    assessment = assess(ds, engine, rules)
-    outcome, image, timings = assessment.outcome, assessment.image, dict(assessment.timings)
-    sc: Dataset | None = None
-    if isinstance(outcome, Prediction) and image is not None and preset is not None:
-        start = time.perf_counter()
-        target = engine.class_names.index(outcome.predicted)
-        explanation = engine.explain(image, target, preset)
-        timings["heatmap_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        sc = build_sc(
-            ds,
-            explanation.heatmap,
-            outcome,
-            engine.algorithm,
-            series_number=results.sc_series_number,
-            series_description=results.sc_series_description,
-        )
-        timings["sc_s"] = time.perf_counter() - start
+    missing = missing_attributes(ds)
+    if missing:  # checked first: no result could reference the image, so do not analyse it
+        raise ResultError(f"source image lacks required attributes: {', '.join(missing)}")
+    timings: dict[str, float] = {}
+    try:
+        outcome, sc = _analyse(ds, path, engine, results, rules, decoder, preset, timings)
+    except DATA_ERRORS as err:
+        logger.warning("image not assessable after %s during analysis", type(err).__name__)
+        outcome, sc = Unassessable((f"could not be analysed: {describe_error(err)}",)), None
     start = time.perf_counter()
     sr = build_sr(
         ds,
@@ -116,3 +144,37 @@ def process_dataset(
     timings["sr_s"] = time.perf_counter() - start
     datasets = [d for d in (sc, sr) if d is not None]
     return InstanceResult(outcome, datasets, timings)
+
+
+def _analyse(
+    ds: Dataset,
+    path: Path,
+    engine: Engine,
+    results: ResultSettings,
+    rules: SelectionRules,
+    decoder: Decoder,
+    preset: str | None,
+    timings: dict[str, float],
+) -> tuple[Prediction | Unassessable, Dataset | None]:
+    """The outcome and, for a prediction with a ``preset``, the heatmap SC."""
+    assessment = assess(ds, path, engine, rules, decoder)
+    outcome, image, pixels = assessment.outcome, assessment.image, assessment.pixels
+    timings.update(assessment.timings)
+    if not isinstance(outcome, Prediction) or image is None or pixels is None or preset is None:
+        return outcome, None
+    start = time.perf_counter()
+    target = engine.class_names.index(outcome.predicted)
+    explanation = engine.explain(image, target, preset)
+    timings["heatmap_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    sc = build_sc(
+        ds,
+        explanation.heatmap,
+        outcome,
+        engine.algorithm,
+        series_number=results.sc_series_number,
+        series_description=results.sc_series_description,
+        source_image=pixels,
+    )
+    timings["sc_s"] = time.perf_counter() - start
+    return outcome, sc

@@ -3,20 +3,33 @@
 One run of :meth:`StudyProcessor.run`:
 
 1. picks the study's pending instances from the spool (those the node selected as frontal
-   chest images and no worker finished), restricted to ``instance_keys`` when given;
+   chest images and no worker finished), restricted to ``instance_keys`` when given; a named
+   instance, or a whole study, that the spool does not hold is an error, never a silent no-op;
 2. analyses each one not analysed before (:func:`worker.pipeline.process_dataset`: the image
-   checks, inference and the heatmap; a bad image becomes an "unassessable" result);
+   checks, the guarded decode, inference and the heatmap; a bad image becomes an
+   "unassessable" result);
 3. writes the SR and the SC durably to the outbox (:mod:`worker.outbox`);
 4. C-STOREs them to every configured destination (:mod:`worker.delivery`), skipping those
    already delivered there;
 5. marks the spool instances done once every result is delivered or dead-lettered.
 
-The Celery glue (:mod:`worker.celery_app`) adds what only a queue needs: a bounded number of
-redeliveries of one message (a task that kills its worker again and again is dead-lettered,
-not retried for ever), Celery retries with exponential backoff and jitter while a destination
-is unavailable, and dead letters once the retries are spent.  A task for instances that are
-already done is a no-op, so repeated and recovered tasks are harmless; a per-instance lock in
-Redis keeps two workers from analysing the same instance at once.
+One bad instance never blocks its study.  Every failure of one instance is classified, and the
+study's other instances are analysed and delivered:
+
+* the pipeline turns bad images into "unassessable" results (an SR "Not Evaluated" with the
+  reason);
+* an instance whose file is missing or unreadable (also when the decoder process cannot read
+  it, or the outbox cannot be written) stays pending and the task is retried, up to
+  ``max_read_attempts`` times per instance (counted in Redis, so across tasks); then it is
+  dead-lettered;
+* any other error while analysing it or storing its results (e.g. a header from which no SR
+  can be built, a failing model) dead-letters that instance with the reason;
+* an instance whose analysis started ``max_analysis_starts`` times without finishing (each
+  start killed its worker process) is dead-lettered at the next start instead of analysed;
+* the exceptions of ``IsolationPolicy.fatal`` (the task's time limit) are not caught here.
+
+A dead-lettered instance is marked done, so recovery never queues it again; ``coronet outbox
+list`` shows it with its reason.
 
 Logs name studies and instances by their spool keys only (hashes, never UIDs or names).
 """
@@ -27,20 +40,25 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Final, Protocol
 
 from pydicom.dataset import Dataset
 
-from dicom_node.core.errors import InferenceError, IngestError
+from dicom_node.core.errors import IngestError, TransientDeliveryError, describe_error
 from dicom_node.core.settings import Settings
 from dicom_node.core.spool import Spool
 from worker.delivery import SendFn
-from worker.locks import InstanceLocks
-from worker.outbox import Outbox, SourceRecord
+from worker.locks import InstanceCounters, InstanceLocks
+from worker.outbox import WHOLE_STUDY, Outbox, SourceRecord
 from worker.results.outcome import Prediction
 from worker.rounds import DeliveryRound, deliver, give_up, settle
 
 logger = logging.getLogger(__name__)
+
+#: The header is read with values longer than this left in the file: the pixel data is read
+#: only by the decoder process, after its checks.
+HEADER_DEFER_SIZE: Final = 64 * 1024
 
 
 class AnalysisResult(Protocol):
@@ -56,7 +74,21 @@ class AnalysisResult(Protocol):
     def timings(self) -> Mapping[str, float]: ...
 
 
-Analyse = Callable[[Dataset], AnalysisResult]
+Analyse = Callable[[Dataset, Path], AnalysisResult]
+"""Analyses one spooled instance: its header (pixel data deferred) and the path of its file."""
+
+
+@dataclass(frozen=True)
+class IsolationPolicy:
+    """How a study copes with its bad instances (see the module docstring)."""
+
+    max_read_attempts: int = 3
+    max_analysis_starts: int = 3
+    fatal: tuple[type[BaseException], ...] = ()
+
+
+class StudyNotInSpool(Exception):
+    """A task names a study the spool does not hold."""
 
 
 @dataclass
@@ -70,6 +102,7 @@ class StudyReport:
     predictions: int = 0
     unassessable: int = 0
     failed: int = 0
+    unreadable: dict[str, str] = field(default_factory=dict)
     results: list[str] = field(default_factory=list)
     delivery: DeliveryRound = field(default_factory=DeliveryRound)
     given_up: int = 0
@@ -81,8 +114,18 @@ class StudyReport:
 
     @property
     def waiting(self) -> bool:
-        """Results wait for a destination that may come back (a retry is worth it)."""
-        return self.delivery.transient and not self.given_up
+        """Results wait for a destination that may come back, or instances for their file to
+        become readable (a retry is worth it)."""
+        return (self.delivery.transient and not self.given_up) or bool(self.unreadable)
+
+    def retry_reasons(self) -> str:
+        """Why a retry is worth it, one clause per destination or unreadable instance."""
+        reasons = [f"{k}: {v}" for k, v in sorted(self.delivery.waiting.items())]
+        reasons += [
+            f"{'the study' if k == WHOLE_STUDY else 'instance ' + k}: {v}"
+            for k, v in sorted(self.unreadable.items())
+        ]
+        return "; ".join(reasons)
 
     def add_timing(self, name: str, seconds: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
@@ -99,6 +142,8 @@ class StudyProcessor:
         analyse: Analyse,
         locks: InstanceLocks,
         send: SendFn,
+        counters: InstanceCounters,
+        policy: IsolationPolicy | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -106,14 +151,35 @@ class StudyProcessor:
         self.analyse = analyse
         self.locks = locks
         self.send = send
+        self.counters = counters
+        self.policy = policy or IsolationPolicy()
 
     def targets(self, study_key: str, instance_keys: Sequence[str] | None) -> list[str]:
-        """Pending instances of the study, restricted to ``instance_keys`` when given."""
-        pending = self.spool.pending_instances(study_key)
+        """Pending instances of the study, restricted to ``instance_keys`` when given, then the
+        instances whose file is missing: named ones the spool does not hold, or (for the whole
+        study) those queued whose file is gone; dead-lettered ones excepted.
+
+        Raises :class:`StudyNotInSpool` when the whole study is missing and no instance is
+        named.
+        """
+        try:
+            records = self.spool.instances(study_key)
+            lost = self.spool.lost_instances(study_key)
+        except IngestError as err:
+            if instance_keys is None:
+                raise StudyNotInSpool(str(err)) from err
+            records, lost = [], []
+        pending = [r.instance_key for r in records if r.selected and not r.done]
         if instance_keys is None:
-            return pending
-        wanted = set(instance_keys)
-        return [key for key in pending if key in wanted]
+            return pending + lost
+        wanted = list(dict.fromkeys(instance_keys))
+        known = {r.instance_key for r in records}
+        missing = [
+            key
+            for key in wanted
+            if key not in known and not self.outbox.is_dead_source(study_key, key)
+        ]
+        return [key for key in pending if key in set(wanted)] + missing
 
     def run(
         self,
@@ -123,12 +189,14 @@ class StudyProcessor:
         *,
         final_attempt: bool = False,
     ) -> StudyReport:
-        """Process the study; with ``final_attempt`` dead-letter what still cannot be sent."""
+        """Process the study; with ``final_attempt`` dead-letter what still cannot be sent or
+        read."""
         report = StudyReport(study_key)
         try:
             report.targets = self.targets(study_key, instance_keys)
-        except IngestError as err:
-            logger.warning("study %s: not in the spool (%s); nothing to do", study_key, err)
+        except StudyNotInSpool as err:
+            self._study_not_in_spool(report, str(err), final_attempt)
+            log_study(report)
             return report
         if not report.targets:
             logger.info("study %s: nothing pending (already done); no-op", study_key)
@@ -152,7 +220,7 @@ class StudyProcessor:
         for instance_key in instance_keys:
             record = self.outbox.source(report.study_key, instance_key)
             if record is None:
-                record = self._analyse(report, instance_key)
+                record = self._analyse(report, instance_key, final_attempt)
             self._note_received(report, instance_key, record)
             if record is not None:
                 records.append(record)
@@ -181,32 +249,56 @@ class StudyProcessor:
         report.received = min(received, report.received or received)
         report.last_received = max(received, report.last_received or received)
 
-    def _analyse(self, report: StudyReport, instance_key: str) -> SourceRecord | None:
+    def _read(self, study_key: str, instance_key: str) -> tuple[Dataset, Path, float]:
+        path = self.spool.instance_path(study_key, instance_key)
+        dataset = self.spool.read_instance(study_key, instance_key, defer_size=HEADER_DEFER_SIZE)
+        return dataset, path, path.stat().st_mtime
+
+    def _analyse(
+        self, report: StudyReport, instance_key: str, final_attempt: bool
+    ) -> SourceRecord | None:
         study_key = report.study_key
-        try:
-            started = time.perf_counter()
-            dataset = self.spool.read_instance(study_key, instance_key)
-            report.add_timing("read", time.perf_counter() - started)
-            received = self.spool.instance_path(study_key, instance_key).stat().st_mtime
-            result = self.analyse(dataset)
-        except (IngestError, InferenceError, OSError) as err:
-            reason = f"cannot analyse: {type(err).__name__}: {err}"
-            logger.error("study %s instance %s: %s", study_key, instance_key, reason)
-            self.outbox.dead_letter_source(study_key, instance_key, reason)
-            self.spool.mark_done(study_key, [instance_key])
-            report.failed += 1
-            return None
-        for name, seconds in result.timings.items():
-            report.add_timing(name, seconds)
-        outcome = "prediction" if isinstance(result.outcome, Prediction) else "unassessable"
-        report.analysed += 1
-        if outcome == "prediction":
-            report.predictions += 1
-        else:
-            report.unassessable += 1
         started = time.perf_counter()
+        try:
+            dataset, path, received = self._read(study_key, instance_key)
+        except self.policy.fatal:
+            raise
+        except Exception as err:  # missing, unreadable, not DICOM: retried a bounded number
+            self._unreadable(report, instance_key, describe_error(err), final_attempt)
+            return None
+        report.add_timing("read", time.perf_counter() - started)
+        self.counters.read_failures.reset(study_key, instance_key)
+        starts = self.counters.starts.increment(study_key, instance_key)
+        if starts > self.policy.max_analysis_starts:
+            self.counters.starts.reset(study_key, instance_key)
+            self._dead_letter(
+                report,
+                instance_key,
+                f"its analysis started {starts - 1} times without finishing "
+                "(the worker process was lost each time)",
+            )
+            return None
+        try:
+            result = self.analyse(dataset, path)
+            return self._store(report, instance_key, result, received)
+        except self.policy.fatal:
+            raise
+        except (TransientDeliveryError, OSError) as err:  # the file or the outbox, not the data
+            self._unreadable(report, instance_key, describe_error(err), final_attempt)
+            return None
+        except Exception as err:  # classified per instance: the study goes on
+            self._dead_letter(report, instance_key, f"cannot analyse: {describe_error(err)}")
+            return None
+        finally:
+            self.counters.starts.reset(study_key, instance_key)
+
+    def _store(
+        self, report: StudyReport, instance_key: str, result: AnalysisResult, received: float
+    ) -> SourceRecord:
+        started = time.perf_counter()
+        outcome = "prediction" if isinstance(result.outcome, Prediction) else "unassessable"
         record = self.outbox.put(
-            study_key,
+            report.study_key,
             instance_key,
             list(result.datasets),
             outcome=outcome,
@@ -214,7 +306,60 @@ class StudyProcessor:
             timings=dict(result.timings),
         )
         report.add_timing("outbox", time.perf_counter() - started)
+        for name, seconds in result.timings.items():
+            report.add_timing(name, seconds)
+        report.analysed += 1
+        if outcome == "prediction":
+            report.predictions += 1
+        else:
+            report.unassessable += 1
         return record
+
+    def _unreadable(
+        self, report: StudyReport, instance_key: str, reason: str, final_attempt: bool
+    ) -> None:
+        """A read (or outbox write) failed: retry the task, or give up after the last try."""
+        study_key = report.study_key
+        failures = self.counters.read_failures.increment(study_key, instance_key)
+        limit = self.policy.max_read_attempts
+        if failures < limit and not final_attempt:
+            logger.error(
+                "study %s instance %s: %s (attempt %d of %d; will retry)",
+                study_key, instance_key, reason, failures, limit,
+            )  # fmt: skip
+            report.unreadable[instance_key] = reason
+            return
+        self.counters.read_failures.reset(study_key, instance_key)
+        self._dead_letter(
+            report, instance_key, f"cannot read the spooled instance after {failures} "
+            f"attempts: {reason}"
+        )  # fmt: skip
+
+    def _study_not_in_spool(self, report: StudyReport, reason: str, final_attempt: bool) -> None:
+        study_key = report.study_key
+        failures = self.counters.read_failures.increment(study_key, WHOLE_STUDY)
+        limit = self.policy.max_read_attempts
+        if failures < limit and not final_attempt:
+            logger.error(
+                "study %s: %s (attempt %d of %d; will retry)", study_key, reason, failures, limit
+            )
+            report.unreadable[WHOLE_STUDY] = reason
+            return
+        self.counters.read_failures.reset(study_key, WHOLE_STUDY)
+        why = f"the study is not in the spool after {failures} attempts: {reason}"
+        self.outbox.dead_letter_study(study_key, why)
+        report.failed += 1
+        logger.error("study %s dead-lettered: %s", study_key, why)
+
+    def _dead_letter(self, report: StudyReport, instance_key: str, reason: str) -> None:
+        study_key = report.study_key
+        logger.error("study %s instance %s dead-lettered: %s", study_key, instance_key, reason)
+        self.outbox.dead_letter_source(study_key, instance_key, reason)
+        try:
+            self.spool.mark_done(study_key, [instance_key])
+        except IngestError as err:  # the study folder itself is gone
+            logger.warning("study %s: %s", study_key, err)
+        report.failed += 1
 
     def dead_letter_study(
         self, study_key: str, instance_keys: Sequence[str] | None, reason: str
@@ -222,12 +367,17 @@ class StudyProcessor:
         """Give up on the study's pending instances (e.g. a poison message); return them."""
         try:
             targets = self.targets(study_key, instance_keys)
-        except IngestError:
+        except StudyNotInSpool:
+            self.outbox.dead_letter_study(study_key, reason)
+            logger.error("study %s dead-lettered: %s", study_key, reason)
             return []
         for instance_key in targets:
             self.outbox.dead_letter_source(study_key, instance_key, reason)
         if targets:
-            self.spool.mark_done(study_key, targets)
+            try:
+                self.spool.mark_done(study_key, targets)
+            except IngestError as err:
+                logger.warning("study %s: %s", study_key, err)
         logger.error("study %s: %d instances dead-lettered: %s", study_key, len(targets), reason)
         return targets
 
@@ -237,7 +387,12 @@ def log_study(report: StudyReport) -> None:
     now = time.time()
     delivery = report.delivery
     if report.waiting:
-        state = f"waiting for {', '.join(sorted(delivery.waiting))} (will retry)"
+        waiting = sorted(delivery.waiting) if not report.given_up else []
+        if WHOLE_STUDY in report.unreadable:
+            waiting.append("the study to appear in the spool")
+        elif report.unreadable:
+            waiting.append(f"{len(report.unreadable)} unreadable instances")
+        state = f"waiting for {', '.join(waiting)} (will retry)"
     elif report.results:
         state = "delivered"
     else:
@@ -253,9 +408,10 @@ def log_study(report: StudyReport) -> None:
         for name, seconds in sorted(report.timings.items())
     )
     logger.info(
-        "study %s %s: %d instances (%d analysed: %d predictions, %d unassessable; %d failed; "
-        "%d busy in another task), %d results: %d sends delivered, %d refused, %d dead-lettered "
-        "after retries; receive to %s %s (queued %s, this task %.2f s: %s)",
+        "study %s %s: %d instances (%d analysed: %d predictions, %d unassessable; "
+        "%d dead-lettered; %d busy in another task), %d results: %d sends delivered, "
+        "%d refused, %d dead-lettered after retries; receive to %s %s "
+        "(queued %s, this task %.2f s: %s)",
         report.study_key,
         state,
         len(report.targets),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import redis
 import torch
@@ -20,13 +21,14 @@ from pydicom.dataset import Dataset
 from dicom_node.core.logs import quiet_libraries
 from dicom_node.core.settings import Settings
 from dicom_node.core.spool import Spool
+from worker.decoder import DecodeLimits, Decoder
 from worker.delivery import Sender
 from worker.engine import Engine, load_engine
-from worker.locks import InstanceLocks
+from worker.locks import InstanceCounters, InstanceLocks
 from worker.options import WorkerOptions
 from worker.outbox import Outbox
 from worker.pipeline import InstanceResult, process_dataset
-from worker.processor import Analyse, StudyProcessor
+from worker.processor import Analyse, IsolationPolicy, StudyProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +59,25 @@ def configure_torch_threads(options: WorkerOptions) -> None:
     torch.set_num_threads(threads)
 
 
-class WorkerRuntime:
-    """Everything a worker process needs for its tasks: settings, spool, outbox, engine.
+def decode_limits(settings: Settings, engine: Engine) -> DecodeLimits:
+    """The decoder's limits: ``model.*`` of the configuration, the bundle's fallback window."""
+    model = settings.model
+    return DecodeLimits(
+        max_pixels=model.max_pixels,
+        timeout_s=model.decode_timeout,
+        memory_mb=model.decode_memory_mb,
+        fallback_window=engine.fallback_window,
+    )
 
-    The engine is loaded once per process by :meth:`start_process` (Celery's
-    ``worker_process_init``, or ``worker_init`` for the solo pool); Redis clients are made per
-    process, since sockets must not be shared across ``fork``.
+
+class WorkerRuntime:
+    """Everything a worker process needs for its tasks: settings, spool, outbox, engine and
+    decoder.
+
+    The engine is loaded, and the decoder process (:mod:`worker.decoder`) started, once per
+    process by :meth:`start_process` (Celery's ``worker_process_init``, or ``worker_init`` for
+    the solo pool); Redis clients are made per process, since sockets must not be shared
+    across ``fork``.
     """
 
     def __init__(self, settings: Settings, options: WorkerOptions) -> None:
@@ -71,6 +86,7 @@ class WorkerRuntime:
         self.spool = Spool(settings.storage.spool_dir)
         self.outbox = Outbox(settings.storage.outbox_dir)
         self.engine: Engine | None = None
+        self.decoder: Decoder | None = None
         self.device: str | None = None
         self._client: redis.Redis | None = None
         self._client_pid = 0
@@ -93,44 +109,64 @@ class WorkerRuntime:
         started = time.perf_counter()
         engine = self.engine = load_engine(self.settings.model.bundle_dir, device)
         self.device = device
+        self.decoder = Decoder(decode_limits(self.settings, engine))
+        self.decoder.start()
         removed = self.outbox.remove_temporary()
         logger.info(
-            "process %d (pid %d): model %s loaded on %s in %.1f s%s",
+            "process %d (pid %d): model %s loaded on %s in %.1f s, decoder process %s%s",
             index,
             os.getpid(),
             engine.model_version,
             device,
             time.perf_counter() - started,
+            self.decoder.pid,
             f"; removed {removed} partial outbox writes" if removed else "",
         )
 
     def analyse(self) -> Analyse:
         """The model's analysis of one data set, with this worker's heatmap mode."""
         if self._analyse is None:
-            engine = self.engine
-            if engine is None:
+            engine, decoder = self.engine, self.decoder
+            if engine is None or decoder is None:
                 logger.warning("model not loaded at process start; loading it now")
                 self.start_process(0)
-                engine = self.engine
-                assert engine is not None
+                engine, decoder = self.engine, self.decoder
+                assert engine is not None and decoder is not None
             settings, preset = self.settings, self.options.attribution_preset
 
-            def analyse(dataset: Dataset) -> InstanceResult:
+            def analyse(dataset: Dataset, path: Path) -> InstanceResult:
                 return process_dataset(
-                    dataset, engine, settings.results, settings.selection, preset=preset
+                    dataset,
+                    path,
+                    engine,
+                    settings.results,
+                    settings.selection,
+                    decoder=decoder,
+                    preset=preset,
                 )
 
             self._analyse = analyse
         return self._analyse
 
-    def processor(self, analyse: Analyse | None = None) -> StudyProcessor:
-        """A study processor for one task (``analyse`` replaces the model in tests)."""
-        locks = InstanceLocks(self.redis(), self.options.lock_ttl)
+    def processor(
+        self, analyse: Analyse | None = None, fatal: tuple[type[BaseException], ...] = ()
+    ) -> StudyProcessor:
+        """A study processor for one task (``analyse`` replaces the model in tests); the
+        exceptions ``fatal`` are never caught for one instance (the task's time limit)."""
+        client = self.redis()
+        options = self.options
+        policy = IsolationPolicy(
+            max_read_attempts=options.max_read_attempts,
+            max_analysis_starts=max(1, options.max_redeliveries),
+            fatal=fatal,
+        )
         return StudyProcessor(
             self.settings,
             self.spool,
             self.outbox,
             analyse if analyse is not None else self.analyse(),
-            locks,
+            InstanceLocks(client, options.lock_ttl),
             Sender.from_settings(self.settings),
+            InstanceCounters(client),
+            policy,
         )

@@ -47,7 +47,7 @@ def format_listing(
             ]
     failed = outbox.dead_sources()
     if failed:
-        lines += ["", "instances that could not be analysed (study/instance):"]
+        lines += ["", "dead-lettered instances (study/instance, or study/* for a whole study):"]
         lines += [f"  {d.key}  {d.at}  {d.reason}" for d in failed]
     if not names:
         lines.append("(no destinations configured)")
@@ -119,8 +119,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "list",
         help="list the results and their state per destination",
         description="List every result (opaque key, kind, study key) with its state per "
-        "destination, the dead letters with their reasons, and the instances that could not be "
-        "analysed.",
+        "destination, the dead letters with their reasons, and the dead-lettered instances with "
+        "theirs (missing or unreadable in the spool, no result can be built from the header, "
+        "the analysis failed).  Keys are opaque spool keys, never UIDs.",
     )
     add_config_options(listing)
     listing.add_argument("--destination", metavar="NAME", help="only this destination")

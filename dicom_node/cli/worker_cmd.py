@@ -34,6 +34,13 @@ started more than --max-redeliveries + 1 times is dead-lettered.  Unavailable de
 retried --max-retries times with exponential backoff and jitter; then the results are
 dead-lettered in the outbox (see `coronet outbox list` and `coronet outbox retry`).
 
+Bad instances: an image that cannot be used (header and pixel data disagree, beyond
+model.max_pixels, not decodable within model.decode_memory_mb and model.decode_timeout in the
+decoder process) gets an SR saying why it was not assessed.  An instance from whose header no
+SR can be built, whose analysis failed, whose analysis started --max-redeliveries times without
+finishing, or whose spooled file stayed missing or unreadable for --max-read-attempts tries is
+dead-lettered with the reason.  The study's other instances are analysed and delivered.
+
 The worker and the node must see the same spool folder (storage.spool_dir); on separate hosts
 put it on shared storage.
 """
@@ -110,6 +117,14 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
         f"(default {defaults.max_redeliveries})",
     )
     parser.add_argument(
+        "--max-read-attempts",
+        type=positive_int,
+        default=defaults.max_read_attempts,
+        metavar="N",
+        help="tries to read a spooled instance that is missing or unreadable before it is "
+        f"dead-lettered (default {defaults.max_read_attempts})",
+    )
+    parser.add_argument(
         "--threads",
         type=positive_int,
         metavar="N",
@@ -165,6 +180,7 @@ def worker_options(args: argparse.Namespace, device: str, gpu_count: int) -> Wor
         retry_backoff=args.retry_backoff,
         retry_backoff_max=args.retry_backoff_max,
         max_redeliveries=args.max_redeliveries,
+        max_read_attempts=args.max_read_attempts,
         gpu_count=gpu_count,
         threads=args.threads,
     )

@@ -18,6 +18,11 @@ Only transient errors (and broker outages) are retried.
 
 from __future__ import annotations
 
+from typing import Final
+
+#: Longest error message kept by :func:`describe_error` (a reason in an SR or a dead letter).
+REASON_MAX: Final = 300
+
 
 class CoronetError(Exception):
     """Base class of every error this project raises on purpose."""
@@ -56,3 +61,11 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """The destination refused a result for good (e.g. rejected-permanent, A9xx, Cxxx)."""
+
+
+def describe_error(err: BaseException) -> str:
+    """``Type: message`` of an error on one line, cut to :data:`REASON_MAX` characters."""
+    text = " ".join(str(err).split()) or "no detail"
+    if len(text) > REASON_MAX:
+        text = text[: REASON_MAX - 3] + "..."
+    return f"{type(err).__name__}: {text}"

@@ -201,10 +201,32 @@ class BrokerSettings(_Model):
 
 
 class ModelSettings(_Model):
-    """Where the MONAI bundle is and which device runs it."""
+    """Where the MONAI bundle is, which device runs it, and the limits on decoding an image.
+
+    The worker checks each image against ``max_pixels`` and its own pixel data before decoding
+    it, then decodes it in a separate process limited to ``decode_memory_mb`` and
+    ``decode_timeout`` (``worker.decoder``); an image beyond a limit is reported unassessable.
+    """
 
     bundle_dir: Path = Path("monai_bundle")
     device: str = Field("auto", description="auto, cpu or cuda:N")
+    max_pixels: int = Field(
+        25_000_000,
+        ge=64 * 64,
+        le=8192 * 8192,
+        description="largest image decoded, Rows x Columns x Samples per Pixel x frames "
+        "(25 Mpx; chest radiographs are 3-18 Mpx)",
+    )
+    decode_timeout: float = Field(
+        60.0, gt=0, le=3600, description="seconds one image may take to decode"
+    )
+    decode_memory_mb: int = Field(
+        2048,
+        ge=64,
+        le=1 << 20,
+        description="memory (address space, MB) the decoder process may add to its start-up "
+        "size for one image; a 25 Mpx image needs about 700",
+    )
 
     @field_validator("device")
     @classmethod

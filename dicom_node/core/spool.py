@@ -344,6 +344,14 @@ class Spool:
             if not r.done and not r.queued
         ]
 
+    def lost_instances(self, study_key: str) -> list[str]:
+        """Instances a task was published for whose file is gone: queued, not done, and no
+        ``.dcm`` (removed by hand, or lost by the storage).  A half-written instance is never
+        among them: it is only queued once committed."""
+        folder = self._study_dir(study_key)
+        queued, done = self._markers(folder, _QUEUED), self._markers(folder, _DONE)
+        return sorted(k for k in queued - done if not (folder / f"{k}.dcm").exists())
+
     def pending_studies(self) -> list[str]:
         """Studies with at least one selected instance without a finished task."""
         return [key for key in self.study_keys() if self.pending_instances(key)]

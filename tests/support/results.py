@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.core.settings import ResultSettings
 from monai_bundle.scripts.classes import CLASS_NAMES
+from monai_bundle.scripts.dicom_image import load_dicom_image
 from monai_bundle.scripts.phantoms import make_phantom, write_dicom
 from worker.results.outcome import AlgorithmInfo, Prediction, Unassessable
 from worker.results.sc import build_sc
@@ -70,6 +71,7 @@ def results_for(
             ALGORITHM,
             series_number=settings.sc_series_number,
             series_description=settings.sc_series_description,
+            source_image=load_dicom_image(source),
         )
         datasets.append(sc)
     sr = build_sr(
@@ -104,7 +106,7 @@ class StandInModel:
     calls: int = 0
     fail_with: Exception | None = None
 
-    def __call__(self, dataset: Dataset) -> StandInResult:
+    def __call__(self, dataset: Dataset, path: Path | None = None) -> StandInResult:
         self.calls += 1
         if self.fail_with is not None:
             raise self.fail_with

@@ -24,7 +24,6 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.core.errors import ResultError
-from monai_bundle.scripts.preprocessing import InvalidImageError, load_dicom_image
 from worker.results import equipment
 from worker.results.outcome import AlgorithmInfo, Prediction
 from worker.results.render import METHOD, render_overlay
@@ -67,16 +66,16 @@ def build_sc(
     *,
     series_number: int,
     series_description: str,
-    source_image: NDArray[np.floating] | None = None,
+    source_image: NDArray[np.floating],
     institution_name: str | None = None,
 ) -> hd.sc.SCImage:
     """Build the heatmap Secondary Capture for ``source``, a chest CR/DX image the model assessed
     (the caller applied :mod:`dicom_node.core.chest`; a prediction exists only for such images).
 
     ``heatmap`` is float in [0, 1], any size, resized to the source's aspect ratio;
-    ``source_image`` is the radiograph as float [0, 1] in the MONOCHROME2 sense (decoded from
-    ``source`` with ``preprocessing.load_dicom_image`` when ``None``).  Raises
-    :class:`~dicom_node.core.errors.ResultError` for invalid arguments and undecodable sources.
+    ``source_image`` is the radiograph as float [0, 1] in the MONOCHROME2 sense, as the bundle's
+    ``load_dicom_image`` decoded it (the worker's decoder process): the SC never decodes the
+    source again.  Raises :class:`~dicom_node.core.errors.ResultError` for invalid arguments.
     """
     if isinstance(series_number, bool) or not isinstance(series_number, int):
         raise ResultError(f"series_number must be an integer, not {series_number!r}")
@@ -87,11 +86,6 @@ def build_sc(
     if not isinstance(prediction, Prediction):
         raise ResultError(f"prediction must be a Prediction, not {type(prediction).__name__}")
     header = source_header(source)
-    if source_image is None:
-        try:
-            source_image = load_dicom_image(source)
-        except InvalidImageError as err:
-            raise ResultError(f"cannot render the source image: {err}") from err
     try:
         rows, columns = int(source.Rows), int(source.Columns)
     except (AttributeError, TypeError, ValueError) as err:

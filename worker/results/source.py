@@ -38,7 +38,9 @@ TYPE2_COPIED_ATTRIBUTES: Final = (
     "ReferringPhysicianName",
 )
 
-PIXEL_KEYWORDS: Final = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data: never copied, and skipped by tag, so
+#: that a deferred pixel data value stays unread.
+PIXEL_TAGS: Final = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
 
 def missing_attributes(dataset: Dataset) -> list[str]:
@@ -49,15 +51,19 @@ def missing_attributes(dataset: Dataset) -> list[str]:
 def source_header(source: Dataset, what: str = "source image") -> Dataset:
     """The source's attributes without pixel data, Type 2 Patient/Study attributes present.
 
+    The pixel data is never read, so ``source`` may be a header read with its pixel data
+    deferred (``dcmread(..., defer_size=...)``).
+
     Raises :class:`ResultError` when a required UID is missing.
     """
     missing = missing_attributes(source)
     if missing:
         raise ResultError(f"{what} lacks required attributes: {', '.join(missing)}")
     header = Dataset()
-    for element in source:
-        if element.keyword not in PIXEL_KEYWORDS:
-            header.add(element)
+    tags = list(source.keys())  # not ``for element in source``: that would load every value
+    for tag in tags:
+        if tag not in PIXEL_TAGS:
+            header.add(source[tag])
     for keyword in TYPE2_COPIED_ATTRIBUTES:
         if keyword not in header:
             logger.debug("source has no %s; the result records it empty", keyword)
