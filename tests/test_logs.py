@@ -7,7 +7,13 @@ import logging
 
 import pytest
 
-from dicom_node.core.logs import OneLineFormatter, RedactThirdParty, escape_controls, redact_values
+from dicom_node.core.logs import (
+    OneLineFormatter,
+    RedactThirdParty,
+    escape_controls,
+    make_safe,
+    redact_values,
+)
 
 
 @pytest.mark.parametrize(
@@ -53,3 +59,26 @@ def test_third_party_echoes_lose_their_values_and_ours_keep_them() -> None:
     assert "1.2.3.4.5" not in _log_through("pydicom", "bad UID '1.2.3.4.5'")
     assert "1.2.3.4.5" not in _log_through("pynetdicom.utils", "Non-conformant '1.2.3.4.5'")
     assert "study 0123abcd" in _log_through("dicom_node.test", "study 0123abcd")
+
+
+def test_a_handler_with_a_foreign_formatter_is_made_safe_too() -> None:
+    """The worker's handlers belong to Celery; their records are escaped and redacted."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    logger = logging.getLogger("coronet.test.foreign")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        make_safe(logger)
+        logging.getLogger("pydicom").addHandler(handler)
+        logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.3\nforged'")
+        logger.warning("line one\nline two")
+    finally:
+        logging.getLogger("pydicom").removeHandler(handler)
+        logger.removeHandler(handler)
+        logging.captureWarnings(False)
+    out = stream.getvalue()
+    assert "forged" not in out and "1.2.3" not in out
+    assert "line one\\x0aline two" in out
+    assert out.count("\n") == 2

@@ -34,10 +34,16 @@ from typing import Any
 from billiard.process import current_process
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+)
 
 from dicom_node.core.backoff import backoff_delay
 from dicom_node.core.errors import CoronetError, IngestError
+from dicom_node.core.logs import make_safe
 from dicom_node.core.settings import DEFAULT_CONFIG, Settings, load_settings
 from dicom_node.core.task import TASK_NAME, StudyTask
 from worker.locks import AttemptCounter
@@ -107,9 +113,15 @@ def _connect_signals(app: Celery, runtime: WorkerRuntime) -> None:
         if getattr(sender, "app", None) is app and runtime.options.pool == "solo":
             runtime.start_process(0)
 
+    def on_logging_set_up(logger: logging.Logger | None = None, **_: Any) -> None:
+        if logger is not None:
+            make_safe(logger)  # one line per record, no values echoed by pydicom
+
     uid = f"coronet-worker-{id(runtime)}"
     worker_process_init.connect(on_process_init, weak=False, dispatch_uid=uid)
     worker_init.connect(on_worker_init, weak=False, dispatch_uid=uid)
+    after_setup_logger.connect(on_logging_set_up, weak=False, dispatch_uid=uid)
+    after_setup_task_logger.connect(on_logging_set_up, weak=False, dispatch_uid=uid)
 
 
 def app_from_environment() -> Celery:

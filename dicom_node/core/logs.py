@@ -44,6 +44,16 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class OneLine(logging.Filter):
+    """:class:`OneLineFormatter` as a filter, for handlers whose formatter is someone else's
+    (Celery's): the message is rendered and escaped once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = escape_controls(record.getMessage())
+        record.args = None
+        return True
+
+
 class RedactThirdParty(logging.Filter):
     """Replaces values and UIDs in records of :data:`THIRD_PARTY` loggers."""
 
@@ -67,6 +77,16 @@ def configure_logging(verbosity: int) -> None:
         handler.setFormatter(OneLineFormatter(FORMAT))
         if not any(isinstance(f, RedactThirdParty) for f in handler.filters):
             handler.addFilter(RedactThirdParty())
+
+
+def make_safe(logger: logging.Logger) -> None:
+    """Redact and escape on every handler of ``logger`` whatever its formatter (the worker's
+    loggers, which Celery sets up), and route Python warnings through logging."""
+    logging.captureWarnings(True)
+    for handler in logger.handlers:
+        if not any(isinstance(f, RedactThirdParty) for f in handler.filters):
+            handler.addFilter(RedactThirdParty())
+            handler.addFilter(OneLine())
 
 
 def quiet_libraries() -> None:
