@@ -1,0 +1,239 @@
+"""The OHIF viewer for tests: its prebuilt ``dist/``, its configuration and a loopback web server.
+
+``make ohif`` (a prerequisite of ``make test``) unpacks the npm package ``@ohif/app`` at
+:data:`OHIF_VERSION`, whose tarball ships a prebuilt ``dist/``, into a cache folder outside the
+repository: ``$OHIF_DIST`` when set, else ``$XDG_CACHE_HOME/coronet/ohif/<version>/dist``
+(``~/.cache`` without ``XDG_CACHE_HOME``).  Nothing is built and nothing is fetched at run time.
+
+Usage::
+
+    with running_orthanc(tmp_path / "pacs", extra_config=dicomweb_config()) as pacs:
+        with serving_ohif(pacs, tmp_path / "web") as viewer:
+            url = viewer.study_url(study_uid, series_uid)
+
+:func:`serving_ohif` serves ``dist/`` on a free loopback port with an ``app-config.js`` that it
+writes (one DICOMweb data source, no study list, no investigational-use dialog), answers any
+other path with ``index.html`` (OHIF routes in the browser), and forwards ``/dicom-web/`` to
+Orthanc's DICOMweb plugin, so that the viewer and its data share one origin and Orthanc needs
+no CORS headers.  The forwarded requests keep the viewer's ``Host`` header, so the bulk data
+URIs Orthanc writes into its metadata point back at this server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from tests.support.orthanc import OrthancServer
+from tests.support.ports import LOOPBACK, free_port
+
+OHIF_VERSION = "3.13.2"
+#: Orthanc's DICOMweb plugin as Debian's ``orthanc-dicomweb`` installs it.
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DICOMWEB_ROOT = "/dicom-web/"
+PROXY_TIMEOUT_S = 60.0
+
+#: File types the viewer loads that Python's table may not know.
+_MIME_TYPES = {
+    ".js": "application/javascript",
+    ".mjs": "application/javascript",
+    ".wasm": "application/wasm",
+    ".json": "application/json",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+    ".woff2": "font/woff2",
+}
+#: Request headers worth passing on to Orthanc.
+_FORWARDED = ("Accept", "Accept-Encoding", "Range", "Host")
+
+
+class OhifError(RuntimeError):
+    """The viewer's files are missing or cannot be served."""
+
+
+def ohif_dist() -> Path:
+    """The unpacked ``dist/`` of ``@ohif/app`` (see the module docstring)."""
+    configured = os.environ.get("OHIF_DIST")
+    if configured:
+        dist = Path(configured)
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        dist = cache / "coronet" / "ohif" / OHIF_VERSION / "dist"
+    if not (dist / "index.html").is_file():
+        raise OhifError(f"OHIF {OHIF_VERSION} is not unpacked at {dist} (run `make ohif`)")
+    return dist
+
+
+def ohif_version(dist: Path) -> str:
+    """The version in the ``package.json`` unpacked beside ``dist/``."""
+    manifest = json.loads((dist.parent / "package.json").read_text())
+    return str(manifest["version"])
+
+
+def dicomweb_config() -> dict[str, Any]:
+    """Orthanc configuration keys that load and set up the DICOMweb plugin."""
+    return {
+        "Plugins": [DICOMWEB_PLUGIN],
+        "DicomWeb": {
+            "Enable": True,
+            "Root": DICOMWEB_ROOT,
+            "EnableWado": False,
+            "Ssl": False,
+            "StudiesMetadata": "Full",
+            "SeriesMetadata": "Full",
+        },
+    }
+
+
+def app_config() -> str:
+    """The viewer's ``app-config.js``: this server's DICOMweb proxy as the only data source."""
+    root = DICOMWEB_ROOT.rstrip("/")
+    config = {
+        "routerBasename": "/",
+        "extensions": [],
+        "modes": [],
+        "showStudyList": False,
+        "showWarningMessageForCrossOrigin": False,
+        "showCPUFallbackMessage": False,
+        "showLoadingIndicator": True,
+        "investigationalUseDialog": {"option": "never"},
+        # No onboarding tour over the images.
+        "customizationService": [{"ohif.tours": {"$set": []}}],
+        "maxNumberOfWebWorkers": 1,
+        "defaultDataSourceName": "orthanc",
+        "dataSources": [
+            {
+                "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
+                "sourceName": "orthanc",
+                "configuration": {
+                    "friendlyName": "Orthanc (test)",
+                    "name": "orthanc",
+                    "wadoUriRoot": "/wado",
+                    "qidoRoot": root,
+                    "wadoRoot": root,
+                    "qidoSupportsIncludeField": False,
+                    "supportsReject": False,
+                    "imageRendering": "wadors",
+                    "thumbnailRendering": "wadors",
+                    "enableStudyLazyLoad": True,
+                    "supportsFuzzyMatching": False,
+                    "supportsWildcard": True,
+                    "omitQuotationForMultipartRequest": True,
+                    "bulkDataURI": {"enabled": True},
+                },
+            }
+        ],
+    }
+    return f"window.config = {json.dumps(config, indent=2)};\n"
+
+
+@dataclass
+class OhifServer:
+    """The viewer on ``http://127.0.0.1:<port>/``; ``failures`` lists answers of 400 and up."""
+
+    port: int
+    dist: Path
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def study_url(self, study_uid: str, series_uid: str | None = None) -> str:
+        """The viewer on one study, opening ``series_uid`` first when given."""
+        query = {"StudyInstanceUIDs": study_uid}
+        if series_uid is not None:
+            query["initialSeriesInstanceUID"] = series_uid
+        return f"{self.base_url}/viewer?{urlencode(query)}"
+
+
+def _handler(
+    dist: Path, config_path: Path, orthanc: OrthancServer, server: OhifServer
+) -> type[http.server.SimpleHTTPRequestHandler]:
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **_MIME_TYPES}
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(dist), **kwargs)
+
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            if path.startswith(DICOMWEB_ROOT):
+                self._forward()
+            elif path == "/app-config.js":
+                self._send_file(config_path, "application/javascript")
+            elif (dist / path.lstrip("/")).is_file():
+                super().do_GET()
+            else:  # a route of the single-page app
+                self._send_file(dist / "index.html", "text/html")
+
+        def _send_file(self, path: Path, content_type: str) -> None:
+            body = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _forward(self) -> None:
+            connection = http.client.HTTPConnection(
+                orthanc.host, orthanc.http_port, timeout=PROXY_TIMEOUT_S
+            )
+            headers = {k: v for k in _FORWARDED if (v := self.headers.get(k)) is not None}
+            headers["Accept-Encoding"] = "identity"
+            try:
+                connection.request("GET", self.path, headers=headers)
+                response = connection.getresponse()
+                body = response.read()
+            finally:
+                connection.close()
+            self.send_response(response.status)
+            for name in ("Content-Type", "ETag", "Last-Modified"):
+                value = response.getheader(name)
+                if value is not None:
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def send_response(self, code: int, message: str | None = None) -> None:
+            if code >= 400:
+                server.failures.append(f"{code} {self.command} {self.path}")
+            super().send_response(code, message)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # failures are kept in ``server.failures``
+
+    return Handler
+
+
+@contextlib.contextmanager
+def serving_ohif(orthanc: OrthancServer, workdir: Path) -> Iterator[OhifServer]:
+    """Serve the viewer for ``orthanc`` (started with :func:`dicomweb_config`) until exit."""
+    dist = ohif_dist()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "app-config.js"
+    config_path.write_text(app_config())
+    server = OhifServer(port=free_port(), dist=dist)
+    httpd = http.server.ThreadingHTTPServer(
+        (LOOPBACK, server.port), _handler(dist, config_path, orthanc, server)
+    )
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, name="ohif-http", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
