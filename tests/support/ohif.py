@@ -160,9 +160,8 @@ def _handler(
     dist: Path, config_path: Path, orthanc: OrthancServer, server: OhifServer
 ) -> type[http.server.SimpleHTTPRequestHandler]:
     class Handler(http.server.SimpleHTTPRequestHandler):
-        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **_MIME_TYPES}
-
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.extensions_map = {**self.extensions_map, **_MIME_TYPES}
             super().__init__(*args, directory=str(dist), **kwargs)
 
         def do_GET(self) -> None:
@@ -211,7 +210,7 @@ def _handler(
                 server.failures.append(f"{code} {self.command} {self.path}")
             super().send_response(code, message)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass  # failures are kept in ``server.failures``
 
     return Handler

@@ -119,6 +119,30 @@ def _fitted_font(lines: Sequence[str], width: int, size: int, bold: bool) -> Ima
     return _font(_MIN_FONT_PX, bold)
 
 
+#: Where a caption line may be broken, best first.
+_BREAKS: Final = (" | ", ", ")
+
+
+def _wrapped(lines: Sequence[str], font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """``lines``, each too wide for ``width`` broken after its separators (:data:`_BREAKS`)."""
+    out: list[str] = []
+    for line in lines:
+        separator = next((b for b in _BREAKS if b in line), None)
+        if font.getlength(line) <= width or separator is None:
+            out.append(line)
+            continue
+        current = ""
+        for part in line.split(separator):
+            candidate = f"{current}{separator}{part}" if current else part
+            if current and font.getlength(candidate) > width:
+                out.append(current)
+                current = part
+            else:
+                current = candidate
+        out.append(current)
+    return out
+
+
 def _text_lines(prediction: Prediction | None, model_version: str | None) -> list[str]:
     lines: list[str] = []
     if prediction is not None:
@@ -191,9 +215,10 @@ def render_overlay(
     font_px = max(_MIN_FONT_PX, round(total_width * _FONT_FRACTION))
     pad = max(4, font_px // 2)
     text_width = round(total_width * TEXT_WIDTH)
-    lines = _text_lines(prediction, model_version)
     notice_font = _fitted_font([AI_NOTICE], text_width, font_px, bold=True)
+    lines = _text_lines(prediction, model_version)
     text_font = _fitted_font(lines, text_width, font_px, bold=False)
+    lines = _wrapped(lines, text_font, text_width)
     line_height = round(max(notice_font.size, text_font.size) * 1.3)
     band_height = pad * 2 + line_height * (1 + len(lines))
 
