@@ -27,7 +27,7 @@ from tests.support.dicom_tools import dciodvfy, dsr2html, html_to_text, storescu
 from tests.support.orthanc import running_orthanc
 from worker.results import equipment
 from worker.results.outcome import AlgorithmInfo, Prediction, Unassessable
-from worker.results.region import ImagePoint, attribution_peak, image_centre
+from worker.results.region import image_centre
 from worker.results.sr import (
     AI_NOTICE,
     CODING_SCHEME_CORONET,
@@ -242,14 +242,15 @@ def test_sr_uids_are_deterministic() -> None:
     assert first.SOPInstanceUID == derived_uid(source.SOPInstanceUID, MODEL_VERSION, KIND_SR)
     assert newer.SOPInstanceUID != first.SOPInstanceUID
     assert newer.SeriesInstanceUID != first.SeriesInstanceUID
-    # Another image of the same study: same SR series, another instance.
+    assert first.SeriesInstanceUID == derived_uid(
+        source.SOPInstanceUID, MODEL_VERSION, KIND_SR_SERIES
+    )
+    # Another image of the same study: an SR series of its own (OHIF shows one SR per series).
     sibling = _rg1()
     sibling.SOPInstanceUID = generate_uid()
     other_image = build(ALGORITHM, sibling)
-    assert other_image.SeriesInstanceUID == first.SeriesInstanceUID
-    assert other_image.SeriesInstanceUID == series_uid(
-        source.StudyInstanceUID, MODEL_VERSION, KIND_SR_SERIES
-    )
+    assert other_image.SeriesInstanceUID != first.SeriesInstanceUID
+    assert other_image.StudyInstanceUID == first.StudyInstanceUID
     assert other_image.SOPInstanceUID != first.SOPInstanceUID
 
 
@@ -383,18 +384,17 @@ def _probability_items(sr: Dataset) -> list[Dataset]:
     return [item for item in group.ContentSequence if item.ValueType == "NUM"]
 
 
-def test_each_probability_is_a_class_named_percentage_inferred_from_a_point_of_the_source() -> None:
+def test_each_probability_is_a_class_named_percentage_inferred_from_the_image_centre() -> None:
     """The shape OHIF 3.13 draws: NUMs named by class, in %, each INFERRED FROM a SCOORD POINT
     "Image Region" SELECTED FROM the source image."""
     source = _rg1()
-    point = ImagePoint(column=400.5, row=300.25)
+    point = image_centre(source.Rows, source.Columns)
     sr = build_sr(
         source,
         _prediction((0.0235, 0.9711, 0.0054)),
         ALGORITHM,
         series_number=SERIES_NUMBER,
         series_description=SERIES_DESCRIPTION,
-        region=point,
     )
     assert sr is not None
     nums = _probability_items(sr)
@@ -425,7 +425,6 @@ def test_not_evaluated_group_has_no_probability_but_a_drawable_count() -> None:
         ALGORITHM,
         series_number=SERIES_NUMBER,
         series_description=SERIES_DESCRIPTION,
-        region=ImagePoint(column=1.0, row=1.0),  # ignored: nothing was assessed
     )
     assert sr is not None
     (num,) = _probability_items(sr)
@@ -434,15 +433,6 @@ def test_not_evaluated_group_has_no_probability_but_a_drawable_count() -> None:
     summary = read_sr(sr)
     assert summary.region == image_centre(source.Rows, source.Columns)
     assert summary.probabilities == {}
-
-
-def test_attribution_peak_is_the_middle_of_the_hottest_plateau_in_source_pixels() -> None:
-    heatmap = np.zeros((10, 20), dtype=np.float32)
-    heatmap[2:5, 14:17] = 1.0  # a 3 x 3 plateau centred on cell (3, 15)
-    heatmap[8, 1] = 0.9
-    peak = attribution_peak(heatmap, rows=100, columns=400)
-    assert peak == ImagePoint(column=(15 + 0.5) * 20, row=(3 + 0.5) * 10)
-    assert attribution_peak(np.ones((4, 4), dtype=np.float32), 50, 60) == image_centre(50, 60)
 
 
 def test_unassessable_can_be_skipped() -> None:
@@ -461,6 +451,12 @@ def test_unassessable_can_be_skipped() -> None:
 def _source_without_sop_uid() -> Dataset:
     ds = _rg1()
     del ds.SOPInstanceUID
+    return ds
+
+
+def _rg1_without_size() -> Dataset:
+    ds = _rg1()
+    del ds.Rows, ds.Columns
     return ds
 
 
@@ -487,12 +483,7 @@ def _heatmap_other_study() -> Dataset:
             {"heatmap_sc": _heatmap_other_study()},
             "another study",
         ),
-        (
-            _rg1,
-            _prediction((0.1, 0.2, 0.7)),
-            {"region": ImagePoint(column=-1.0, row=10.0)},
-            "outside",
-        ),
+        (_rg1_without_size, _prediction((0.1, 0.2, 0.7)), {}, "Rows and Columns"),
     ],
 )
 def test_build_sr_rejects_bad_input(

@@ -38,7 +38,6 @@ from monai_bundle.scripts.dicom_image import Image2D, image_header_problems
 from worker.decoder import Decoder
 from worker.engine import Engine
 from worker.results.outcome import Prediction, Unassessable
-from worker.results.region import ImagePoint, attribution_peak
 from worker.results.sc import build_sc
 from worker.results.source import missing_attributes
 from worker.results.sr import build_sr
@@ -127,11 +126,10 @@ def process_dataset(
         raise ResultError(f"source image lacks required attributes: {', '.join(missing)}")
     timings: dict[str, float] = {}
     try:
-        outcome, sc, region = _analyse(ds, path, engine, results, rules, decoder, preset, timings)
+        outcome, sc = _analyse(ds, path, engine, results, rules, decoder, preset, timings)
     except DATA_ERRORS as err:
         logger.warning("image not assessable after %s during analysis", type(err).__name__)
-        outcome = Unassessable((f"could not be analysed: {describe_error(err)}",))
-        sc, region = None, None
+        outcome, sc = Unassessable((f"could not be analysed: {describe_error(err)}",)), None
     start = time.perf_counter()
     sr = build_sr(
         ds,
@@ -142,7 +140,6 @@ def process_dataset(
         heatmap_sc=sc,
         on_unassessable=results.on_unassessable,
         classes=engine.classes,
-        region=region,
     )
     timings["sr_s"] = time.perf_counter() - start
     datasets = [d for d in (sc, sr) if d is not None]
@@ -158,13 +155,13 @@ def _analyse(
     decoder: Decoder,
     preset: str | None,
     timings: dict[str, float],
-) -> tuple[Prediction | Unassessable, Dataset | None, ImagePoint | None]:
-    """The outcome and, for a prediction with a ``preset``, the heatmap SC and its peak."""
+) -> tuple[Prediction | Unassessable, Dataset | None]:
+    """The outcome and, for a prediction with a ``preset``, the heatmap SC."""
     assessment = assess(ds, path, engine, rules, decoder)
     outcome, image, pixels = assessment.outcome, assessment.image, assessment.pixels
     timings.update(assessment.timings)
     if not isinstance(outcome, Prediction) or image is None or pixels is None or preset is None:
-        return outcome, None, None
+        return outcome, None
     start = time.perf_counter()
     target = engine.class_names.index(outcome.predicted)
     explanation = engine.explain(image, target, preset)
@@ -180,5 +177,4 @@ def _analyse(
         source_image=pixels,
     )
     timings["sc_s"] = time.perf_counter() - start
-    region = attribution_peak(explanation.heatmap, int(ds.Rows), int(ds.Columns))
-    return outcome, sc, region
+    return outcome, sc

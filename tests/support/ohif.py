@@ -10,6 +10,9 @@ Usage::
     with running_orthanc(tmp_path / "pacs", extra_config=dicomweb_config()) as pacs:
         with serving_ohif(pacs, tmp_path / "web") as viewer:
             url = viewer.study_url(study_uid, series_uid)
+            ...  # open it in tests.support.browser.headless_chromium
+            boxes = annotation_boxes(driver)      # the SR's labels and the viewport
+            covers = overlays_over(driver, box)   # viewer overlays over an image region
 
 :func:`serving_ohif` serves ``dist/`` on a free loopback port with an ``app-config.js`` that it
 writes (one DICOMweb data source, no study list, no investigational-use dialog), answers any
@@ -52,6 +55,56 @@ _MIME_TYPES = {
     ".svg": "image/svg+xml",
     ".woff2": "font/woff2",
 }
+#: The SVG text OHIF draws for SR annotations, with the rectangle of its viewport.
+_ANNOTATION_BOXES_SCRIPT = """
+const pane = document.querySelector('[data-cy="viewport-pane"]');
+if (!pane) { return null; }
+const r = pane.getBoundingClientRect();
+const texts = [];
+for (const node of pane.querySelectorAll('svg text')) {
+  const b = node.getBoundingClientRect();
+  texts.push({text: node.textContent, box: [b.left, b.top, b.right, b.bottom]});
+}
+return {viewport: [r.left, r.top, r.right, r.bottom], texts: texts};
+"""
+
+#: The page rectangle of an image region (column0, row0, column1, row1 in image pixels) of the
+#: image shown in the first viewport, and the rectangles of the visible elements the viewer
+#: draws over the viewport (its overlays, its cine player, its menus), or null before the
+#: image is shown.
+_OVERLAYS_SCRIPT = """
+const [c0, r0, c1, r1] = arguments[0];
+const cs = window.cornerstone;
+const enabled = cs ? cs.getEnabledElements() : [];
+if (!enabled.length) { return null; }
+const vp = enabled[0].viewport;
+const imageId = vp.getCurrentImageId && vp.getCurrentImageId();
+if (!imageId || !(vp.getImageData && vp.getImageData())) { return null; }
+const canvas = vp.canvas.getBoundingClientRect();
+const toPage = (c, r) => {
+  const p = vp.worldToCanvas(cs.utilities.imageToWorldCoords(imageId, [c, r]));
+  return [canvas.left + p[0], canvas.top + p[1]];
+};
+const a = toPage(c0, r0), b = toPage(c1, r1);
+const region = [Math.min(a[0], b[0]), Math.min(a[1], b[1]),
+                Math.max(a[0], b[0]), Math.max(a[1], b[1])];
+const pane = vp.element.closest('[data-cy="viewport-pane"]') || vp.element.parentElement;
+const covers = [];
+for (const el of pane.querySelectorAll('*')) {
+  if (vp.element.contains(el)) { continue; }
+  const style = getComputedStyle(el);
+  const box = el.getBoundingClientRect();
+  const painted = el.childElementCount === 0 || style.backgroundColor !== 'rgba(0, 0, 0, 0)';
+  if (!painted || box.width === 0 || box.height === 0 || style.visibility === 'hidden'
+      || Number(style.opacity) === 0) { continue; }
+  const name = el.getAttribute('data-cy') || el.closest('[data-cy]')?.getAttribute('data-cy');
+  covers.push({what: name || el.tagName, text: (el.innerText || '').slice(0, 40),
+               box: [box.left, box.top, box.right, box.bottom]});
+}
+const r = pane.getBoundingClientRect();
+return {region: region, covers: covers, viewport: [r.left, r.top, r.right, r.bottom]};
+"""
+
 #: Request headers worth passing on to Orthanc.
 _FORWARDED = ("Accept", "Accept-Encoding", "Range", "Host")
 
@@ -236,3 +289,88 @@ def serving_ohif(orthanc: OrthancServer, workdir: Path) -> Iterator[OhifServer]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=10)
+
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """Something on the page and its rectangle (left, top, right, bottom) in CSS pixels."""
+
+    what: str
+    box: Box
+
+
+def _box(values: Any) -> Box:
+    left, top, right, bottom = (float(v) for v in values)
+    return (left, top, right, bottom)
+
+
+def overlapping(a: Box, b: Box) -> bool:
+    """Whether two rectangles share any area."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def inside(inner: Box, outer: Box) -> bool:
+    """Whether ``inner`` lies within ``outer``."""
+    return (
+        inner[0] >= outer[0]
+        and inner[1] >= outer[1]
+        and inner[2] <= outer[2]
+        and inner[3] <= outer[3]
+    )
+
+
+def annotation_boxes(driver: Any) -> tuple[Box, list[Drawn]] | None:
+    """The viewport's rectangle and the SR annotation labels drawn in it, or None before the
+    viewer shows a viewport."""
+    found = driver.execute_script(_ANNOTATION_BOXES_SCRIPT)
+    if not found:
+        return None
+    texts = [Drawn(str(t["text"]), _box(t["box"])) for t in found["texts"]]
+    return _box(found["viewport"]), texts
+
+
+@dataclass(frozen=True)
+class Placement:
+    """An image region on the page: its rectangle, its viewport's, and what is drawn over it."""
+
+    region: Box
+    viewport: Box
+    covers: list[Drawn]
+
+
+def overlays_over(driver: Any, region: Box) -> Placement | None:
+    """Where the image region ``region`` (column0, row0, column1, row1 in the pixels of the
+    image shown) is on the page, and the viewer's own elements drawn over it; None before the
+    image is shown."""
+    found = driver.execute_script(_OVERLAYS_SCRIPT, list(region))
+    if not found:
+        return None
+    on_page = _box(found["region"])
+    covers = [
+        Drawn(f"{c['what']} {c['text']!r}", _box(c["box"]))
+        for c in found["covers"]
+        if overlapping(_box(c["box"]), on_page)
+    ]
+    return Placement(on_page, _box(found["viewport"]), covers)
+
+
+#: The viewer's error notices: its toasts of type error and its error boundary's message.
+_ERRORS_SCRIPT = """
+const found = [];
+for (const toast of document.querySelectorAll('[data-sonner-toast][data-type="error"]')) {
+  found.push('toast: ' + toast.innerText);
+}
+if (document.body.innerText.includes('Something went wrong')) {
+  found.push('page: Something went wrong');
+}
+return found;
+"""
+
+
+def error_notices(driver: Any) -> list[str]:
+    """The error toasts and "Something went wrong" messages the viewer shows now."""
+    found: list[str] = driver.execute_script(_ERRORS_SCRIPT)
+    return found

@@ -11,7 +11,7 @@ Content tree (PS3.16 TID 1500 "Measurement Report")::
            ├ Algorithm Name / Version / Parameters, incl. weights SHA-256 (TID 4019)
            ├ NUM "<Class> probability" = 100 p {%}      one per class (TID 300)
            │   ├ HAS CONCEPT MOD Finding = <class code>                 (TID 300 row 2)
-           │   └ INFERRED FROM SCOORD POINT Image Region                (TID 300, TID 320)
+           │   └ INFERRED FROM SCOORD POINT Image Region = image centre (TID 300, TID 320)
            │       └ SELECTED FROM IMAGE -> source image
            ├ NUM "Classes not evaluated" = n {classes}   instead, when unassessable; same SCOORD
            ├ CODE Classification = <predicted class> | Not Evaluated     (TID 1501 row 11)
@@ -26,7 +26,7 @@ TID 1501 group only when its NUMs are inferred from image coordinates, labels ea
 concept name's meaning and its unit's code, and lists the group's Comments above them.  So each
 class has its own concept name (a declared private scheme: no standard code means "probability
 of COVID-19"), percent is the unit, and every NUM is inferred from one point of the source
-image, the attribution peak (:mod:`worker.results.region`).  The class stays coded in a
+image, its centre (:mod:`worker.results.region`).  The class stays coded in a
 standard scheme through the Finding concept modifier, which is what :func:`read_sr` reads.
 
 When the image was not assessed, the group has no probability but one NUM "Classes not
@@ -88,7 +88,7 @@ from worker.results.outcome import (
 )
 from worker.results.region import ImagePoint, image_centre
 from worker.results.source import copy_study_attributes, missing_attributes, source_header
-from worker.results.uids import KIND_SR, KIND_SR_SERIES, KIND_SR_TRACKING, derived_uid, series_uid
+from worker.results.uids import KIND_SR, KIND_SR_SERIES, KIND_SR_TRACKING, derived_uid
 
 logger = logging.getLogger(__name__)
 
@@ -184,17 +184,14 @@ def build_sr(
     on_unassessable: OnUnassessable = "report",
     institution_name: str | None = None,
     classes: Sequence[ModelClass] = CLASSES,
-    region: ImagePoint | None = None,
 ) -> Comprehensive3DSR | None:
     """Build the SR for one source image, or ``None`` when it is unassessable and skipped.
 
-    The SR joins the source's Patient and Study, in a series whose UID is derived from the
-    study and model version; its SOP Instance UID is derived from the source SOP Instance UID
-    and the model version (:mod:`worker.results.uids`).  ``heatmap_sc`` is the Secondary
+    The SR joins the source's Patient and Study, in a series of its own; its Series and SOP
+    Instance UIDs are derived from the source SOP Instance UID and the model version
+    (:mod:`worker.results.uids`).  ``heatmap_sc`` is the Secondary
     Capture holding the attribution map, referenced as evidence and from the measurement group.
-    ``classes`` are the loaded bundle's classes with their codes.  ``region`` is the point of
-    the source image the probabilities are inferred from (the attribution peak); the centre of
-    the image when not given or when the image was not assessed.  Raises
+    ``classes`` are the loaded bundle's classes with their codes.  Raises
     :class:`~dicom_node.core.errors.ResultError` on invalid input, also when highdicom refuses
     a value.
     """
@@ -214,7 +211,7 @@ def build_sr(
         return None
     if heatmap_sc is not None:
         _check_heatmap(heatmap_sc, header)
-    point = _anchor(header, outcome, region)
+    point = _anchor(header, outcome)
     try:
         sr = _build(
             header,
@@ -258,7 +255,7 @@ def _build(
     sr = Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
-        series_instance_uid=series_uid(header.StudyInstanceUID, algorithm.version, KIND_SR_SERIES),
+        series_instance_uid=derived_uid(header.SOPInstanceUID, algorithm.version, KIND_SR_SERIES),
         series_number=series_number,
         sop_instance_uid=derived_uid(header.SOPInstanceUID, algorithm.version, KIND_SR),
         instance_number=INSTANCE_NUMBER,
@@ -293,11 +290,9 @@ def _findings(classes: Sequence[ModelClass]) -> Mapping[str, CodedConcept]:
     return MappingProxyType({c.name: CodedConcept(c.code, c.scheme, c.meaning) for c in classes})
 
 
-def _anchor(
-    header: Dataset, outcome: Prediction | Unassessable, region: ImagePoint | None
-) -> ImagePoint | None:
-    """The point the probabilities are inferred from; ``None`` for a source without a usable
-    size (no image a viewer could show, nor a point on it)."""
+def _anchor(header: Dataset, outcome: Prediction | Unassessable) -> ImagePoint | None:
+    """The point the probabilities are inferred from (:mod:`worker.results.region`); ``None``
+    for an unassessed source without a usable size (no image a viewer could show)."""
     try:
         rows, columns = int(header.Rows), int(header.Columns)
     except (AttributeError, TypeError, ValueError):
@@ -306,11 +301,7 @@ def _anchor(
         if isinstance(outcome, Prediction):
             raise ResultError("source image has no usable Rows and Columns")
         return None
-    if region is None or isinstance(outcome, Unassessable):
-        return image_centre(rows, columns)
-    if not region.inside(rows, columns):
-        raise ResultError(f"region {region} lies outside the {rows}x{columns} source image")
-    return region
+    return image_centre(rows, columns)
 
 
 def _check_heatmap(heatmap_sc: Dataset, source: Dataset) -> None:
