@@ -6,13 +6,22 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := redis-server dcmtk dicom3tools orthanc openssl
-DEB_TOOLS := redis-server storescu echoscu storescp dsr2html dciodvfy Orthanc openssl
+DEB_PACKAGES := redis-server dcmtk dicom3tools orthanc orthanc-dicomweb openssl \
+	chromium chromium-driver
+DEB_TOOLS := redis-server storescu echoscu storescp dsr2html dciodvfy dcentvfy Orthanc openssl \
+	chromium chromedriver
+DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+# The OHIF viewer of the viewer tests (tests/viewer/): the npm tarball of @ohif/app ships a
+# prebuilt dist/, unpacked into a cache folder outside the repository; nothing is built.
+OHIF_VERSION := 3.13.2
+CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/coronet
+OHIF_DIR := $(CACHE_DIR)/ohif/$(OHIF_VERSION)
+OHIF_DIST := $(OHIF_DIR)/dist
 CONFIG ?= configs/node.yaml
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: help setup venv system-deps lint typecheck pytest test run clean
+.PHONY: help setup venv system-deps ohif lint typecheck pytest test screenshots run clean
 
 help:
 	@echo "make run    start the CoroNet node with the embedded defaults ($(CONFIG))"
@@ -33,6 +42,7 @@ venv: $(STAMP)
 # root; otherwise the exact command is printed and the target fails.
 system-deps:
 	@missing=""; for t in $(DEB_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	for f in $(DEB_FILES); do [ -e $$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "missing tools:$$missing"; \
 	  if [ "$$(id -u)" = "0" ]; then \
@@ -44,7 +54,20 @@ system-deps:
 	  fi; \
 	fi
 
-setup: venv system-deps
+# npm checks the tarball against the registry's integrity hash; the unpacked folder appears
+# only when complete, so an interrupted run starts again.
+$(OHIF_DIST)/index.html:
+	@command -v npm >/dev/null 2>&1 || { echo "npm (Node.js 20) is needed to fetch OHIF"; exit 1; }
+	rm -rf "$(OHIF_DIR).part" && mkdir -p "$(OHIF_DIR).part"
+	cd "$(OHIF_DIR).part" && npm pack --silent --cache "$(CACHE_DIR)/npm" @ohif/app@$(OHIF_VERSION) >/dev/null
+	tar -xzf "$(OHIF_DIR).part/ohif-app-$(OHIF_VERSION).tgz" -C "$(OHIF_DIR).part" \
+	  --strip-components=1 package/dist package/package.json
+	rm -f "$(OHIF_DIR).part/ohif-app-$(OHIF_VERSION).tgz"
+	rm -rf "$(OHIF_DIR)" && mv "$(OHIF_DIR).part" "$(OHIF_DIR)"
+
+ohif: $(OHIF_DIST)/index.html
+
+setup: venv system-deps ohif
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -55,9 +78,13 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 pytest: setup
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	OHIF_DIST="$(OHIF_DIST)" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: setup lint typecheck pytest
+
+# The README's OHIF screenshots (docs/images/ohif-*.png), from the viewer tests.
+screenshots: setup
+	SCREENSHOT_DIR=docs/images OHIF_DIST="$(OHIF_DIST)" $(VENV)/bin/pytest tests/viewer
 
 run: setup
 	$(VENV)/bin/coronet run --config $(CONFIG) $(RUN_ARGS)

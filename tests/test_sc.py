@@ -21,7 +21,7 @@ from dicom_node.core.errors import ResultError
 from dicom_node.core.settings import ResultSettings
 from monai_bundle.scripts.dicom_image import load_dicom_image
 from monai_bundle.scripts.phantoms import make_phantom, phantom_dataset
-from tests.support.dicom_tools import dciodvfy, storescu
+from tests.support.dicom_tools import dcentvfy, dciodvfy, storescu
 from tests.support.orthanc import running_orthanc
 from worker.results import equipment
 from worker.results.outcome import AlgorithmInfo, Prediction
@@ -29,6 +29,7 @@ from worker.results.render import (
     AI_NOTICE,
     MAX_LONG_SIDE,
     MIN_LONG_SIDE,
+    TEXT_WIDTH,
     output_shape,
     render_overlay,
     save_png,
@@ -128,6 +129,7 @@ def test_sc_passes_dciodvfy(built: tuple[Dataset, Dataset, Path]) -> None:
         ("PatientBirthDate", lambda src: src.get("PatientBirthDate", "")),
         ("AccessionNumber", lambda src: src.get("AccessionNumber", "")),
         ("StudyDate", lambda src: src.get("StudyDate", "")),
+        ("StudyDescription", lambda src: src.get("StudyDescription", "")),
         ("SeriesNumber", lambda src: SERIES_NUMBER),
         ("SeriesDescription", lambda src: SERIES_DESCRIPTION),
         ("BurnedInAnnotation", lambda src: "YES"),
@@ -156,6 +158,25 @@ def test_sc_header(
         assert list(value) == want
     else:
         assert value == want
+
+
+def test_source_sr_and_sc_agree_on_patient_and_study(
+    built: tuple[Dataset, Dataset, Path], tmp_path: Path
+) -> None:
+    source, sc, sc_path = built
+    sr = build_sr(
+        source,
+        PREDICTION,
+        ALGORITHM,
+        series_number=901,
+        series_description="CoroNet AI result - not for diagnostic use",
+        heatmap_sc=sc,
+    )
+    assert sr is not None
+    source_path, sr_path = tmp_path / "source.dcm", tmp_path / "sr.dcm"
+    source.save_as(source_path, enforce_file_format=True)
+    sr.save_as(sr_path, enforce_file_format=True)
+    assert dcentvfy([source_path, sr_path, sc_path]) == []
 
 
 def test_sc_is_a_new_series_referencing_the_source(built: tuple[Dataset, Dataset, Path]) -> None:
@@ -188,7 +209,7 @@ def test_sc_pixels_keep_the_source_aspect(built: tuple[Dataset, Dataset, Path]) 
     source, sc, _ = built
     rows, cols = output_shape(source.Rows, source.Columns)
     assert sc.pixel_array.shape[2] == 3
-    # Image area below the header band and left of the colour bar.
+    # Image area above the caption band and left of the colour bar.
     assert sc.Rows > rows and sc.Columns > cols
     assert abs(rows / cols - source.Rows / source.Columns) < 0.01
 
@@ -210,7 +231,7 @@ def test_given_source_image_is_used_instead_of_decoding() -> None:
     zero = np.zeros((50, 50), dtype=np.float32)
     sc = _build(source, source_image=white, heatmap=zero)
     rows, cols = output_shape(source.Rows, source.Columns)
-    area = sc.pixel_array[sc.Rows - rows :, :cols]
+    area = sc.pixel_array[:rows, :cols]
     assert (area == 255).all()  # white radiograph, no attribution: nothing blended on top
 
 
@@ -241,16 +262,28 @@ def test_overlay_colours_the_salient_region_and_leaves_the_rest_gray(tmp_path: P
     rgb = render_overlay(image, heatmap, PREDICTION, model_version=MODEL_VERSION)
     rows, cols = output_shape(300, 200)
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
-    area = rgb[rgb.shape[0] - rows :, :cols].astype(int)
+    area = rgb[:rows, :cols].astype(int)
     scale = rows / 300
     hot = area[round(75 * scale), round(75 * scale)]
     cold = area[round(250 * scale), round(150 * scale)]
     assert hot[0] > hot[2] and hot[1] > hot[2]  # viridis high end: yellow
     assert cold[0] == cold[1] == cold[2]  # no attribution: plain gray radiograph
-    header = rgb[: rgb.shape[0] - rows]
-    assert header.size and header.max() > 200  # burned-in text
+    caption = rgb[rows:]
+    assert caption.size and caption.max() > 200  # burned-in text
     path = save_png(rgb, tmp_path / "overlay.png")
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), rgb)
+
+
+def test_burned_in_text_stays_in_the_middle_of_a_band_below_the_image() -> None:
+    """Viewers overlay the top centre (OHIF's cine player for OT) and the corners."""
+    image = np.full((300, 200), 0.5, dtype=np.float32)
+    rgb = render_overlay(image, _heatmap(300, 200), PREDICTION, model_version=MODEL_VERSION)
+    rows, _ = output_shape(300, 200)
+    text = np.argwhere(rgb[rows:].max(axis=2) > 200)
+    assert text.size
+    width = rgb.shape[1]
+    margin = (1.0 - TEXT_WIDTH) / 2 * width
+    assert text[:, 1].min() >= margin - 1 and text[:, 1].max() <= width - margin + 1
 
 
 def test_notice_is_a_constant_of_the_module() -> None:

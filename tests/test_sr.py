@@ -1,5 +1,7 @@
-"""The CoroNet SR: validation of results, deterministic UIDs, dciodvfy, dsr2html,
-round trip through pydicom + highdicom, and storage into a real Orthanc."""
+"""The CoroNet SR: validation of results, deterministic UIDs, the point findings are anchored
+at, dciodvfy, dsr2html, round trip through pydicom + highdicom, and storage into a real Orthanc.
+
+What a viewer shows of it is tested in ``tests/viewer/``."""
 
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from tests.support.dicom_tools import dciodvfy, dsr2html, html_to_text, storescu
 from tests.support.orthanc import running_orthanc
 from worker.results import equipment
 from worker.results.outcome import AlgorithmInfo, Prediction, Unassessable
+from worker.results.region import image_centre
 from worker.results.sr import (
     AI_NOTICE,
+    CODING_SCHEME_CORONET,
     build_sr,
     read_sr,
 )
@@ -238,14 +242,15 @@ def test_sr_uids_are_deterministic() -> None:
     assert first.SOPInstanceUID == derived_uid(source.SOPInstanceUID, MODEL_VERSION, KIND_SR)
     assert newer.SOPInstanceUID != first.SOPInstanceUID
     assert newer.SeriesInstanceUID != first.SeriesInstanceUID
-    # Another image of the same study: same SR series, another instance.
+    assert first.SeriesInstanceUID == derived_uid(
+        source.SOPInstanceUID, MODEL_VERSION, KIND_SR_SERIES
+    )
+    # Another image of the same study: an SR series of its own (OHIF shows one SR per series).
     sibling = _rg1()
     sibling.SOPInstanceUID = generate_uid()
     other_image = build(ALGORITHM, sibling)
-    assert other_image.SeriesInstanceUID == first.SeriesInstanceUID
-    assert other_image.SeriesInstanceUID == series_uid(
-        source.StudyInstanceUID, MODEL_VERSION, KIND_SR_SERIES
-    )
+    assert other_image.SeriesInstanceUID != first.SeriesInstanceUID
+    assert other_image.StudyInstanceUID == first.StudyInstanceUID
     assert other_image.SOPInstanceUID != first.SOPInstanceUID
 
 
@@ -314,8 +319,9 @@ def test_sr_is_valid_renders_and_round_trips(
     assert ALGORITHM.name in text
     assert AI_NOTICE in text
     if isinstance(outcome, Prediction):
+        assert f"predicted: {MEANINGS[outcome.predicted]}" in text
         for name in CLASS_NAMES:
-            assert MEANINGS[name] in text
+            assert f"{MEANINGS[name]} probability" in text
     else:
         assert "Not Evaluated" in text
         assert all(reason in text for reason in outcome.reasons)
@@ -331,14 +337,18 @@ def test_sr_is_valid_renders_and_round_trips(
     assert summary.weights_sha256 == ALGORITHM.weights_sha256
     assert dict(summary.algorithm_parameters) == dict(ALGORITHM.parameters)
     assert summary.heatmap_sop_instance_uid == (heatmap.SOPInstanceUID if heatmap else None)
+    assert summary.region == image_centre(source.Rows, source.Columns)
     if isinstance(outcome, Prediction):
         assert summary.predicted == outcome.predicted
-        assert dict(summary.probabilities) == dict(outcome.probabilities)
+        assert dict(summary.probabilities) == pytest.approx(dict(outcome.probabilities), abs=1e-12)
         assert summary.unassessable_reasons == ()
+        assert summary.comments == (f"{AI_NOTICE}; predicted: {MEANINGS[outcome.predicted]}",)
     else:
         assert summary.predicted is None
         assert dict(summary.probabilities) == {}
         assert summary.unassessable_reasons == outcome.reasons
+        assert summary.comments[0] == f"{AI_NOTICE}; not evaluated"
+        assert summary.comments[1:] == tuple(f"Reason: {r}" for r in outcome.reasons)
 
 
 def _check_header(sr: Dataset, source: Dataset) -> None:
@@ -360,7 +370,69 @@ def _check_header(sr: Dataset, source: Dataset) -> None:
     ]
     assert ("Newcode1", "99IHE") in purposes
     declared = {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
-    assert "99IHE" in declared
+    assert {"99IHE", CODING_SCHEME_CORONET} <= declared
+
+
+def _probability_items(sr: Dataset) -> list[Dataset]:
+    (group,) = [
+        item
+        for container in sr.ContentSequence
+        if container.ValueType == "CONTAINER"
+        for item in container.ContentSequence
+        if item.ValueType == "CONTAINER"
+    ]
+    return [item for item in group.ContentSequence if item.ValueType == "NUM"]
+
+
+def test_each_probability_is_a_class_named_percentage_inferred_from_the_image_centre() -> None:
+    """The shape OHIF 3.13 draws: NUMs named by class, in %, each INFERRED FROM a SCOORD POINT
+    "Image Region" SELECTED FROM the source image."""
+    source = _rg1()
+    point = image_centre(source.Rows, source.Columns)
+    sr = build_sr(
+        source,
+        _prediction((0.0235, 0.9711, 0.0054)),
+        ALGORITHM,
+        series_number=SERIES_NUMBER,
+        series_description=SERIES_DESCRIPTION,
+    )
+    assert sr is not None
+    nums = _probability_items(sr)
+    assert [n.ConceptNameCodeSequence[0].CodeMeaning for n in nums] == [
+        f"{MEANINGS[name]} probability" for name in CLASS_NAMES
+    ]
+    values = [float(n.MeasuredValueSequence[0].NumericValue) for n in nums]
+    assert values == pytest.approx([2.35, 97.11, 0.54])
+    for num in nums:
+        assert num.ConceptNameCodeSequence[0].CodingSchemeDesignator == CODING_SCHEME_CORONET
+        assert num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"
+        (scoord,) = [c for c in num.ContentSequence if c.ValueType == "SCOORD"]
+        assert scoord.RelationshipType == "INFERRED FROM"
+        assert scoord.ConceptNameCodeSequence[0].CodeValue == "111030"  # Image Region
+        assert scoord.GraphicType == "POINT"
+        assert [float(v) for v in scoord.GraphicData] == [point.column, point.row]
+        (image,) = scoord.ContentSequence
+        assert image.RelationshipType == "SELECTED FROM"
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert read_sr(sr).region == point
+
+
+def test_not_evaluated_group_has_no_probability_but_a_drawable_count() -> None:
+    source = _phantom_source("normal")
+    sr = build_sr(
+        source,
+        Unassessable(("image unlike the data the model was trained on",)),
+        ALGORITHM,
+        series_number=SERIES_NUMBER,
+        series_description=SERIES_DESCRIPTION,
+    )
+    assert sr is not None
+    (num,) = _probability_items(sr)
+    assert num.ConceptNameCodeSequence[0].CodeMeaning == "Classes not evaluated"
+    assert float(num.MeasuredValueSequence[0].NumericValue) == len(CLASS_NAMES)
+    summary = read_sr(sr)
+    assert summary.region == image_centre(source.Rows, source.Columns)
+    assert summary.probabilities == {}
 
 
 def test_unassessable_can_be_skipped() -> None:
@@ -379,6 +451,12 @@ def test_unassessable_can_be_skipped() -> None:
 def _source_without_sop_uid() -> Dataset:
     ds = _rg1()
     del ds.SOPInstanceUID
+    return ds
+
+
+def _rg1_without_size() -> Dataset:
+    ds = _rg1()
+    del ds.Rows, ds.Columns
     return ds
 
 
@@ -405,6 +483,7 @@ def _heatmap_other_study() -> Dataset:
             {"heatmap_sc": _heatmap_other_study()},
             "another study",
         ),
+        (_rg1_without_size, _prediction((0.1, 0.2, 0.7)), {}, "Rows and Columns"),
     ],
 )
 def test_build_sr_rejects_bad_input(

@@ -2,15 +2,20 @@
 bar and burned-in text::
 
     +------------------------------------------+-----+
-    | AI attribution map - not for diagnostic use    |   header band: notice, predicted class,
-    | Predicted: COVID-19 (p = 0.93)                 |   every class probability, method
-    | normal 0.02 | pneumonia 0.05 | COVID-19 0.93   |
-    +------------------------------------------+-----+
     |                                          | 1.0 |
     |   radiograph (grayscale) with the        |     |   colour bar (viridis: yellow =
     |   heatmap blended on top, same aspect    |     |   most salient, as in the paper's
     |   ratio as the source                    | 0.0 |   figure 2)
     +------------------------------------------+-----+
+    |      AI attribution map - not for diagnostic use |   caption band: notice, predicted
+    |          Predicted: COVID-19 (93.00 %)           |   class, every class probability,
+    |  normal 2.00 % | pneumonia 5.00 % | COVID-19 ... |   method, model; centred
+    +------------------------------------------+-----+
+
+The text sits in a band below the image, centred, in the middle :data:`TEXT_WIDTH` of the
+width: viewers draw their own overlays in the corners of the viewport and, for a Secondary
+Capture (Modality ``OT``), OHIF opens its cine player over the top centre, so neither the top of
+the picture nor its corners are safe for text.
 
 :func:`render_overlay` makes the array, :func:`save_png` writes it as PNG (``coronet infer
 --png``); :mod:`worker.results.sc` wraps it in a DICOM Secondary Capture.
@@ -31,11 +36,11 @@ from PIL import Image, ImageDraw, ImageFont
 from dicom_node.core.errors import ResultError
 from worker.results.outcome import Prediction
 
-__all__ = ["AI_NOTICE", "METHOD", "output_shape", "render_overlay", "save_png"]
+__all__ = ["AI_NOTICE", "METHOD", "TEXT_WIDTH", "output_shape", "render_overlay", "save_png"]
 
 #: Burned into every rendering (and the reason for ``BurnedInAnnotation YES`` in the SC).
 AI_NOTICE: Final = "AI attribution map - not for diagnostic use"
-#: How the map was made, for the header band and the SC's Derivation Description.
+#: How the map was made, for the caption band and the SC's Derivation Description.
 METHOD: Final = "meaningful perturbation (Fong & Vedaldi 2017)"
 
 #: Perceptual colormap (yellow = salient, as in the paper's figure 2); the colour is blended
@@ -47,6 +52,8 @@ MAX_ALPHA: Final = 0.6
 LEGEND_GRAY: Final = 0.5
 MIN_LONG_SIDE: Final = 512
 MAX_LONG_SIDE: Final = 1024
+#: The share of the picture's width the caption's lines may use, centred.
+TEXT_WIDTH: Final = 0.7
 _FONT_FRACTION = 0.028  # font size as a fraction of the image width
 _MIN_FONT_PX = 10
 _HEATMAP_TOLERANCE = 1e-4
@@ -112,20 +119,51 @@ def _fitted_font(lines: Sequence[str], width: int, size: int, bold: bool) -> Ima
     return _font(_MIN_FONT_PX, bold)
 
 
+#: Where a caption line may be broken, best first.
+_BREAKS: Final = (" | ", ", ")
+
+
+def _wrapped(lines: Sequence[str], font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """``lines``, each too wide for ``width`` broken after its separators (:data:`_BREAKS`)."""
+    out: list[str] = []
+    for line in lines:
+        separator = next((b for b in _BREAKS if b in line), None)
+        if font.getlength(line) <= width or separator is None:
+            out.append(line)
+            continue
+        current = ""
+        for part in line.split(separator):
+            candidate = f"{current}{separator}{part}" if current else part
+            if current and font.getlength(candidate) > width:
+                out.append(current)
+                current = part
+            else:
+                current = candidate
+        out.append(current)
+    return out
+
+
 def _text_lines(prediction: Prediction | None, model_version: str | None) -> list[str]:
     lines: list[str] = []
     if prediction is not None:
         p = prediction.probabilities[prediction.predicted]
-        lines.append(f"Predicted: {prediction.predicted} (p = {p:.2f})")
+        lines.append(f"Predicted: {prediction.predicted} ({_percent(p)})")
         lines.append(
-            "Probabilities: "
-            + " | ".join(f"{n} {prediction.probabilities[n]:.2f}" for n in prediction.class_names)
+            " | ".join(
+                f"{n} {_percent(prediction.probabilities[n])}" for n in prediction.class_names
+            )
         )
-    method = f"Map: {METHOD}"
-    if prediction is not None:
-        method += f", class {prediction.predicted}"
-    lines.append(method + (f"; model {model_version}" if model_version else ""))
+    lines.append(f"Map: {METHOD}")
+    if prediction is not None or model_version:
+        details = [f"class {prediction.predicted}"] if prediction is not None else []
+        details += [f"model {model_version}"] if model_version else []
+        lines.append(", ".join(details))
     return lines
+
+
+def _percent(probability: float) -> str:
+    """A probability as the SR's viewers show it: percent with two decimals."""
+    return f"{100.0 * probability:.2f} %"
 
 
 def _colour_bar(height: int, width: int, font: ImageFont.FreeTypeFont) -> Image.Image:
@@ -160,9 +198,10 @@ def render_overlay(
     """RGB rendering (``H x W x 3`` uint8) of ``heatmap`` over the radiograph ``image``.
 
     ``image`` is float in [0, 1], MONOCHROME2 sense; ``heatmap`` is float in [0, 1] of any size
-    (high = salient).  Both are resized to an image area of ``output_shape(*shape)``; ``shape``
-    (rows, columns) gives the aspect ratio and defaults to ``image.shape``.  A header band with
-    :data:`AI_NOTICE`, the prediction and its probabilities is added above, a colour bar right.
+    (high = salient).  Both are resized to an image area of ``output_shape(*shape)``, at the top
+    left; ``shape`` (rows, columns) gives the aspect ratio and defaults to ``image.shape``.  A
+    colour bar is added right, a caption band with :data:`AI_NOTICE`, the prediction and its
+    probabilities below.
     """
     _check_image("image", image)
     _check_image("heatmap", heatmap, _HEATMAP_TOLERANCE)
@@ -175,20 +214,25 @@ def render_overlay(
     total_width = cols + bar_width
     font_px = max(_MIN_FONT_PX, round(total_width * _FONT_FRACTION))
     pad = max(4, font_px // 2)
+    text_width = round(total_width * TEXT_WIDTH)
+    notice_font = _fitted_font([AI_NOTICE], text_width, font_px, bold=True)
     lines = _text_lines(prediction, model_version)
-    notice_font = _fitted_font([AI_NOTICE], total_width - 2 * pad, font_px, bold=True)
-    text_font = _fitted_font(lines, total_width - 2 * pad, font_px, bold=False)
+    text_font = _fitted_font(lines, text_width, font_px, bold=False)
+    lines = _wrapped(lines, text_font, text_width)
     line_height = round(max(notice_font.size, text_font.size) * 1.3)
-    header_height = pad * 2 + line_height * (1 + len(lines))
+    band_height = pad * 2 + line_height * (1 + len(lines))
 
-    canvas = Image.new("RGB", (total_width, header_height + rows), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((pad, pad), AI_NOTICE, font=notice_font, fill=(255, 255, 0))
-    for index, line in enumerate(lines, start=1):
-        draw.text((pad, pad + index * line_height), line, font=text_font, fill=(255, 255, 255))
-    canvas.paste(body, (0, header_height))
+    canvas = Image.new("RGB", (total_width, rows + band_height), (0, 0, 0))
+    canvas.paste(body, (0, 0))
     tick_font = _fitted_font(["0.5"], bar_width // 2, font_px, bold=False)
-    canvas.paste(_colour_bar(rows, bar_width, tick_font), (cols, header_height))
+    canvas.paste(_colour_bar(rows, bar_width, tick_font), (cols, 0))
+    draw = ImageDraw.Draw(canvas)
+    middle = total_width / 2
+    top = rows + pad
+    draw.text((middle, top), AI_NOTICE, font=notice_font, fill=(255, 255, 0), anchor="ma")
+    for index, line in enumerate(lines, start=1):
+        y = top + index * line_height
+        draw.text((middle, y), line, font=text_font, fill=(255, 255, 255), anchor="ma")
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 

@@ -27,7 +27,7 @@ from dicom_node.core.errors import ResultError
 from worker.results import equipment
 from worker.results.outcome import AlgorithmInfo, Prediction
 from worker.results.render import METHOD, render_overlay
-from worker.results.source import source_header
+from worker.results.source import copy_study_attributes, source_header
 from worker.results.uids import KIND_SC, KIND_SC_SERIES, derived_uid, series_uid
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ def _finish(
     orientation = source.get("PatientOrientation")
     known = orientation is not None and len(orientation) == 2
     sc["PatientOrientation"].value = list(orientation) if known else None
+    copy_study_attributes(source, sc)
     sc.ImageType = list(IMAGE_TYPE)
     sc.ConversionType = CONVERSION_TYPE_WORKSTATION
     sc.BurnedInAnnotation = BURNED_IN_ANNOTATION

@@ -3,10 +3,15 @@
 :func:`source_header` is the source's header as the result builders see it: every attribute but
 the pixel data, checked for the Type 1 UIDs a derived object must reference, with the Type 2
 Patient and Study attributes present (empty when the source lacks them).
+
+:func:`copy_study_attributes` puts the source's Patient and Study attributes into a result, so
+that the source, its SR and its SC agree on them (``dcentvfy`` checks that): highdicom copies
+only some of them, and not the same ones for an SR and an SC.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Final
 
@@ -36,6 +41,34 @@ TYPE2_COPIED_ATTRIBUTES: Final = (
     "StudyDate",
     "StudyTime",
     "ReferringPhysicianName",
+)
+
+#: Attributes of the Patient and Study entities (PS3.3 C.7.1.1 Patient, C.7.2.1 General Study,
+#: C.7.2.2 Patient Study) that a result carries as its source has them.
+STUDY_LEVEL_ATTRIBUTES: Final = (
+    *TYPE2_COPIED_ATTRIBUTES,
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "ReferringPhysicianIdentificationSequence",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingService",
+    "ProcedureCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence",
+    "ReferencedStudySequence",
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "Occupation",
+    "AdditionalPatientHistory",
 )
 
 #: Pixel Data, Float Pixel Data, Double Float Pixel Data: never copied, and skipped by tag, so
@@ -69,3 +102,11 @@ def source_header(source: Dataset, what: str = "source image") -> Dataset:
             logger.debug("source has no %s; the result records it empty", keyword)
             setattr(header, keyword, None)
     return header
+
+
+def copy_study_attributes(header: Dataset, result: Dataset) -> None:
+    """Give ``result`` the :data:`STUDY_LEVEL_ATTRIBUTES` of ``header`` (a
+    :func:`source_header`), replacing its own."""
+    for keyword in STUDY_LEVEL_ATTRIBUTES:
+        if keyword in header:
+            result.add(copy.deepcopy(header[keyword]))

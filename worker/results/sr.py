@@ -9,14 +9,29 @@ Content tree (PS3.16 TID 1500 "Measurement Report")::
         └ Measurement Group (TID 1501)
            ├ Tracking Identifier / Tracking Unique Identifier (TID 4108)
            ├ Algorithm Name / Version / Parameters, incl. weights SHA-256 (TID 4019)
-           ├ NUM Probability = p {1}          one per class (TID 300)
-           │   ├ HAS CONCEPT MOD Finding = <class code>          (TID 300 row 2)
-           │   └ HAS CONCEPT MOD Equivalent Meaning of Concept Name = "Probability of <class>"
+           ├ NUM "<Class> probability" = 100 p {%}      one per class (TID 300)
+           │   ├ HAS CONCEPT MOD Finding = <class code>                 (TID 300 row 2)
+           │   └ INFERRED FROM SCOORD POINT Image Region = image centre (TID 300, TID 320)
+           │       └ SELECTED FROM IMAGE -> source image
+           ├ NUM "Classes not evaluated" = n {classes}   instead, when unassessable; same SCOORD
            ├ CODE Classification = <predicted class> | Not Evaluated     (TID 1501 row 11)
            ├ TEXT Reason not assessable = <reason>   only when unassessable (TID 1501 row 12)
-           ├ TEXT Comment = "AI result - not for diagnostic use"          (TID 1501 row 12)
+           ├ TEXT Comment = "AI result - not for diagnostic use; predicted: <class>"  (row 12)
+           ├ TEXT Comment = "Reason: <reason>"   only when unassessable, one per reason
            ├ IMAGE Source of Measurement -> source image
            └ IMAGE Best illustration of finding -> heatmap SC, when there is one
+
+The probabilities are shaped for viewers as well as for programs.  OHIF 3.13, for one, shows a
+TID 1501 group only when its NUMs are inferred from image coordinates, labels each NUM with its
+concept name's meaning and its unit's code, and lists the group's Comments above them.  So each
+class has its own concept name (a declared private scheme: no standard code means "probability
+of COVID-19"), percent is the unit, and every NUM is inferred from one point of the source
+image, its centre (:mod:`worker.results.region`).  The class stays coded in a
+standard scheme through the Finding concept modifier, which is what :func:`read_sr` reads.
+
+When the image was not assessed, the group has no probability but one NUM "Classes not
+evaluated" (all of them), inferred from the centre of the image, so that a viewer draws the
+group, and the Comments give the reasons, so that it shows why.
 
 :func:`build_sr` writes it; :func:`read_sr` reads it back into an :class:`SRSummary`.
 """
@@ -31,6 +46,7 @@ from types import MappingProxyType
 from typing import Final, Literal
 
 import highdicom as hd
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -38,7 +54,9 @@ from highdicom.sr import (
     CodedConcept,
     Comprehensive3DSR,
     ContentSequence,
+    CoordinatesForMeasurement,
     DeviceObserverIdentifyingAttributes,
+    GraphicTypeValues,
     ImageContentItem,
     Measurement,
     MeasurementReport,
@@ -48,6 +66,7 @@ from highdicom.sr import (
     QualitativeEvaluation,
     RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
     ValueTypeValues,
@@ -67,8 +86,9 @@ from worker.results.outcome import (
     Prediction,
     Unassessable,
 )
-from worker.results.source import missing_attributes, source_header
-from worker.results.uids import KIND_SR, KIND_SR_SERIES, KIND_SR_TRACKING, derived_uid, series_uid
+from worker.results.region import ImagePoint, image_centre
+from worker.results.source import copy_study_attributes, missing_attributes, source_header
+from worker.results.uids import KIND_SR, KIND_SR_SERIES, KIND_SR_TRACKING, derived_uid
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +112,16 @@ CLASSIFICATION: Final = codes.SCT.Classification  # 278201002
 #: Value of that evaluation when the image was not assessed.
 NOT_EVALUATED: Final = codes.SCT.NotEvaluated  # 373121007
 
-#: Class probabilities: NUM (122157, DCM, "Probability") in UCUM "1", post-coordinated with
-#: the class through a TID 300 row 2 concept modifier named (121071, DCM, "Finding") and a
-#: row 16 "Equivalent Meaning of Concept Name".  No standard code means "probability of
-#: COVID-19" by itself, and this keeps every concept standard.
-PROBABILITY: Final = codes.DCM.Probability
-PROBABILITY_UNIT: Final = codes.UCUM.NoUnits  # ("1", UCUM, "no units")
+#: Class probabilities: one NUM per class, named by a concept of :data:`CODING_SCHEME_CORONET`
+#: ("<class meaning> probability", code ``PROB-<class code>``), in UCUM percent, post-coordinated
+#: with the class's standard code by a TID 300 row 2 concept modifier named (121071, DCM,
+#: "Finding").
+PROBABILITY_CODE_PREFIX: Final = "PROB-"
+PROBABILITY_UNIT: Final = codes.UCUM.Percent  # ("%", UCUM, "Percent")
 PROBABILITY_OF: Final = codes.DCM.Finding
-EQUIVALENT_MEANING: Final = codes.DCM.EquivalentMeaningOfConceptName
+PERCENT: Final = 100.0
+#: Concept name of the point each probability is inferred from (TID 320).
+IMAGE_REGION: Final = codes.DCM.ImageRegion  # 111030
 
 #: Free-text notice that the content is machine output (TID 1501 row 12).
 COMMENT: Final = codes.DCM.Comment
@@ -109,12 +131,20 @@ AI_NOTICE: Final = "AI result - not for diagnostic use"
 HEATMAP_PURPOSE: Final = codes.DCM.BestIllustrationOfFinding  # 121080
 
 #: Private coding scheme, declared in the Coding Scheme Identification Sequence (PS3.3
-#: C.12.1.1.2), for the one concept no standard terminology offers: why an image was not
-#: assessed.
+#: C.12.1.1.2), for the concepts no standard terminology offers: the probability of each class
+#: and why an image was not assessed.
 CODING_SCHEME_CORONET: Final = "99CORONET"
 REASON_NOT_ASSESSABLE: Final = CodedConcept(
     "CN0001", CODING_SCHEME_CORONET, "Reason image was not assessed"
 )
+#: When the image was not assessed: how many classes were not, all of them (a private concept,
+#: in UCUM "{classes}", a unity with an annotation).  NUMs without a value (PS3.3 C.18.1) would
+#: say it too, but highdicom cannot read them, a group without any NUM crashes OHIF 3.13, and
+#: OHIF shows a value of 0 as blank.
+CLASSES_NOT_EVALUATED: Final = CodedConcept(
+    "CN0002", CODING_SCHEME_CORONET, "Classes not evaluated"
+)
+CLASSES_UNIT: Final = CodedConcept("{classes}", "UCUM", "classes")
 
 SEPARATE: Final = "SEPARATE"
 TRACKING_IDENTIFIER: Final = "CoroNet chest radiograph classification"
@@ -122,6 +152,7 @@ INSTANCE_NUMBER: Final = 1
 
 
 _LO_MAX: Final = 64  # PS3.5 6.2, Long String
+_SH_MAX: Final = 16  # PS3.5 6.2, Short String
 _IS_MAX: Final = 2**31  # PS3.5 6.2, Integer String
 
 OnUnassessable = Literal["report", "skip"]
@@ -156,9 +187,9 @@ def build_sr(
 ) -> Comprehensive3DSR | None:
     """Build the SR for one source image, or ``None`` when it is unassessable and skipped.
 
-    The SR joins the source's Patient and Study, in a series whose UID is derived from the
-    study and model version; its SOP Instance UID is derived from the source SOP Instance UID
-    and the model version (:mod:`worker.results.uids`).  ``heatmap_sc`` is the Secondary
+    The SR joins the source's Patient and Study, in a series of its own; its Series and SOP
+    Instance UIDs are derived from the source SOP Instance UID and the model version
+    (:mod:`worker.results.uids`).  ``heatmap_sc`` is the Secondary
     Capture holding the attribution map, referenced as evidence and from the measurement group.
     ``classes`` are the loaded bundle's classes with their codes.  Raises
     :class:`~dicom_node.core.errors.ResultError` on invalid input, also when highdicom refuses
@@ -180,6 +211,7 @@ def build_sr(
         return None
     if heatmap_sc is not None:
         _check_heatmap(heatmap_sc, header)
+    point = _anchor(header, outcome)
     try:
         sr = _build(
             header,
@@ -190,6 +222,7 @@ def build_sr(
             heatmap_sc=heatmap_sc,
             institution_name=institution_name,
             findings=_findings(classes),
+            point=point,
         )
     except (TypeError, ValueError) as err:  # highdicom validates every value it is given
         raise ResultError(f"cannot build the SR: {err}") from err
@@ -209,9 +242,10 @@ def _build(
     heatmap_sc: Dataset | None,
     institution_name: str | None,
     findings: Mapping[str, CodedConcept],
+    point: ImagePoint | None,
 ) -> Comprehensive3DSR:
     evidence = [header] if heatmap_sc is None else [header, heatmap_sc]
-    group = _measurement_group(header, outcome, algorithm, heatmap_sc, findings)
+    group = _measurement_group(header, outcome, algorithm, heatmap_sc, findings, point)
     report = MeasurementReport(
         observation_context=_observation_context(),
         procedure_reported=PROCEDURE_CHEST_RADIOGRAPH,
@@ -221,7 +255,7 @@ def _build(
     sr = Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
-        series_instance_uid=series_uid(header.StudyInstanceUID, algorithm.version, KIND_SR_SERIES),
+        series_instance_uid=derived_uid(header.SOPInstanceUID, algorithm.version, KIND_SR_SERIES),
         series_number=series_number,
         sop_instance_uid=derived_uid(header.SOPInstanceUID, algorithm.version, KIND_SR),
         instance_number=INSTANCE_NUMBER,
@@ -233,12 +267,13 @@ def _build(
         series_description=series_description,
         manufacturer_model_name=equipment.MANUFACTURER_MODEL_NAME,
         device_serial_number=equipment.DEVICE_SERIAL_NUMBER,
-        coding_schemes=_coding_schemes(outcome),
+        coding_schemes=[equipment.ihe_coding_scheme(), coronet_coding_scheme()],
         content_date=now.date(),
         content_time=now.time().replace(tzinfo=None),
         series_date=now.date(),
         series_time=now.time().replace(tzinfo=None),
     )
+    copy_study_attributes(header, sr)
     # Set here: highdicom types this argument as a one-element tuple.
     sr.add_new("SoftwareVersions", "LO", list(equipment.software_versions(algorithm.version)))
     # highdicom only accepts DCM purposes of reference; IHE AIR asks for 99IHE Newcode1.
@@ -250,17 +285,23 @@ def _build(
     return sr
 
 
-def _coding_schemes(outcome: Prediction | Unassessable) -> list[CodingSchemeIdentificationItem]:
-    """Declare the non-DICOM-registered schemes the SR uses (PS3.3 C.12.1.1.2)."""
-    schemes = [equipment.ihe_coding_scheme()]
-    if isinstance(outcome, Unassessable):
-        schemes.append(coronet_coding_scheme())
-    return schemes
-
-
 def _findings(classes: Sequence[ModelClass]) -> Mapping[str, CodedConcept]:
     """Class name -> coded finding, from the bundle's classes."""
     return MappingProxyType({c.name: CodedConcept(c.code, c.scheme, c.meaning) for c in classes})
+
+
+def _anchor(header: Dataset, outcome: Prediction | Unassessable) -> ImagePoint | None:
+    """The point the probabilities are inferred from (:mod:`worker.results.region`); ``None``
+    for an unassessed source without a usable size (no image a viewer could show)."""
+    try:
+        rows, columns = int(header.Rows), int(header.Columns)
+    except (AttributeError, TypeError, ValueError):
+        rows = columns = 0
+    if rows < 1 or columns < 1:
+        if isinstance(outcome, Prediction):
+            raise ResultError("source image has no usable Rows and Columns")
+        return None
+    return image_centre(rows, columns)
 
 
 def _check_heatmap(heatmap_sc: Dataset, source: Dataset) -> None:
@@ -298,27 +339,65 @@ def _finding_code(class_name: str, findings: Mapping[str, CodedConcept]) -> Code
         ) from None
 
 
-def _probability(
-    class_name: str, probability: float, findings: Mapping[str, CodedConcept]
-) -> Measurement:
-    """TID 300 NUM "Probability" post-coordinated with the class's finding code."""
-    finding = _finding_code(class_name, findings)
-    measurement = Measurement(name=PROBABILITY, value=float(probability), unit=PROBABILITY_UNIT)
-    measurement[0].ContentSequence = ContentSequence(
-        [
-            CodeContentItem(
-                name=PROBABILITY_OF,
-                value=finding,
-                relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
-            ),
-            TextContentItem(
-                name=EQUIVALENT_MEANING,
-                value=f"Probability of {finding.meaning}",
-                relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
-            ),
-        ]
+def probability_concept(finding: CodedConcept) -> CodedConcept:
+    """The private concept "<finding> probability" (:data:`CODING_SCHEME_CORONET`)."""
+    value = f"{PROBABILITY_CODE_PREFIX}{finding.value}"
+    if len(value) > _SH_MAX:
+        raise ResultError(f"class code {finding.value!r} is too long for a probability code")
+    return CodedConcept(value, CODING_SCHEME_CORONET, f"{finding.meaning} probability")
+
+
+def _inferred_from(point: ImagePoint, source: Dataset) -> CoordinatesForMeasurement:
+    """INFERRED FROM SCOORD POINT "Image Region", SELECTED FROM the source (TID 320)."""
+    return CoordinatesForMeasurement(
+        graphic_type=GraphicTypeValues.POINT,
+        graphic_data=np.array([[point.column, point.row]]),
+        source_image=SourceImageForRegion.from_source_image(source),
+        purpose=IMAGE_REGION,
     )
+
+
+def _probability(
+    finding: CodedConcept, probability: float, source: Dataset, point: ImagePoint
+) -> Measurement:
+    """TID 300 NUM "<class> probability" in percent, inferred from ``point`` of the source."""
+    measurement = Measurement(
+        name=probability_concept(finding),
+        value=PERCENT * float(probability),
+        unit=PROBABILITY_UNIT,
+        referenced_coordinates=[_inferred_from(point, source)],
+    )
+    modifier = CodeContentItem(
+        name=PROBABILITY_OF,
+        value=finding,
+        relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
+    )
+    num = measurement[0]
+    num.ContentSequence = ContentSequence([modifier, *num.ContentSequence])
     return measurement
+
+
+def _none_evaluated(count: int, source: Dataset, point: ImagePoint) -> Measurement:
+    """TID 300 NUM "Classes not evaluated" = ``count``, inferred from ``point`` of the source."""
+    return Measurement(
+        name=CLASSES_NOT_EVALUATED,
+        value=count,
+        unit=CLASSES_UNIT,
+        referenced_coordinates=[_inferred_from(point, source)],
+    )
+
+
+def comments(outcome: Prediction | Unassessable, findings: Mapping[str, CodedConcept]) -> list[str]:
+    """The group's Comments (TID 1501 row 12), first the notice with the result in words, then
+    the reasons an image was not evaluated.
+
+    Viewers show them as lines: OHIF 3.13 draws at most five lines per group, the Comments
+    first, then the probabilities, so a prediction has room for one more Comment.
+    """
+    if isinstance(outcome, Prediction):
+        predicted = _finding_code(outcome.predicted, findings).meaning
+        return [f"{AI_NOTICE}; predicted: {predicted}"]
+    return [f"{AI_NOTICE}; not evaluated", *(f"Reason: {r}" for r in outcome.reasons)]
 
 
 def _measurement_group(
@@ -327,6 +406,7 @@ def _measurement_group(
     algorithm: AlgorithmInfo,
     heatmap_sc: Dataset | None,
     findings: Mapping[str, CodedConcept],
+    point: ImagePoint | None,
 ) -> MeasurementsAndQualitativeEvaluations:
     tracking = TrackingIdentifier(
         uid=derived_uid(source.SOPInstanceUID, algorithm.version, KIND_SR_TRACKING),
@@ -337,15 +417,19 @@ def _measurement_group(
         version=algorithm.version,
         parameters=list(algorithm.parameter_strings()),
     )
-    measurements: list[Measurement] | None
+    result: CodedConcept | Code
+    measurements: list[Measurement] | None = None
     if isinstance(outcome, Prediction):
-        measurements = [
-            _probability(n, outcome.probabilities[n], findings) for n in outcome.class_names
-        ]
-        result: CodedConcept | Code = _finding_code(outcome.predicted, findings)
+        result = _finding_code(outcome.predicted, findings)
+        if point is not None:
+            measurements = [
+                _probability(_finding_code(name, findings), p, source, point)
+                for name, p in outcome.probabilities.items()
+            ]
     else:
-        measurements = None
         result = NOT_EVALUATED
+        if point is not None:
+            measurements = [_none_evaluated(len(findings), source, point)]
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         algorithm_id=algorithm_id,
@@ -359,7 +443,7 @@ def _measurement_group(
     items = group[0].ContentSequence
     if isinstance(outcome, Unassessable):
         items.extend(_text(REASON_NOT_ASSESSABLE, reason) for reason in outcome.reasons)
-    items.append(_text(COMMENT, AI_NOTICE))
+    items.extend(_text(COMMENT, comment) for comment in comments(outcome, findings))
     if heatmap_sc is not None:
         items.append(
             ImageContentItem(
@@ -388,7 +472,8 @@ class SRSummary:
     """What a CoroNet SR says, as read back by :func:`read_sr`.
 
     ``predicted`` is ``None`` and ``probabilities`` empty when the image was not assessed;
-    then ``unassessable_reasons`` says why.
+    then ``unassessable_reasons`` says why.  ``comments`` are the group's Comments, the notice
+    first; ``region`` is the point of the source image the probabilities are inferred from.
     """
 
     sop_instance_uid: str
@@ -402,6 +487,8 @@ class SRSummary:
     source_sop_instance_uid: str
     heatmap_sop_instance_uid: str | None
     unassessable_reasons: tuple[str, ...]
+    comments: tuple[str, ...] = ()
+    region: ImagePoint | None = None
 
 
 def read_sr(ds: Dataset, classes: Sequence[ModelClass] = CLASSES) -> SRSummary:
@@ -437,17 +524,9 @@ def read_sr(ds: Dataset, classes: Sequence[ModelClass] = CLASSES) -> SRSummary:
         raise ResultError("the classification is not a coded value")
     predicted = None if result == NOT_EVALUATED else _class_for(result, findings)
 
-    probabilities: dict[str, float] = {}
-    for measurement in group.get_measurements(name=PROBABILITY):
-        modifiers = find_content_items(
-            measurement[0], name=PROBABILITY_OF, value_type=ValueTypeValues.CODE
-        )
-        if len(modifiers) != 1:
-            raise ResultError("a probability is not tied to exactly one class")
-        class_name = _class_for(modifiers[0].value, findings)
-        if class_name in probabilities:
-            raise ResultError(f"two probabilities for class {class_name!r}")
-        probabilities[class_name] = float(measurement.value)
+    probabilities, regions = _probabilities(root, findings)
+    if len(set(regions)) > 1:
+        raise ResultError("the probabilities are inferred from different image regions")
 
     reasons = tuple(_texts(root, REASON_NOT_ASSESSABLE))
     if predicted is None:
@@ -478,7 +557,48 @@ def read_sr(ds: Dataset, classes: Sequence[ModelClass] = CLASSES) -> SRSummary:
             str(heatmaps[0].referenced_sop_instance_uid) if heatmaps else None
         ),
         unassessable_reasons=reasons,
+        comments=tuple(_texts(root, COMMENT)),
+        region=regions[0] if regions else None,
     )
+
+
+def _probabilities(
+    root: Dataset, findings: Mapping[str, CodedConcept]
+) -> tuple[dict[str, float], list[ImagePoint]]:
+    """Class -> probability of the group's NUMs, and the points they are inferred from."""
+    probabilities: dict[str, float] = {}
+    regions: list[ImagePoint] = []
+    for num in find_content_items(root, value_type=ValueTypeValues.NUM):
+        regions.extend(_points(num))
+        if num.name == CLASSES_NOT_EVALUATED:
+            if num.value != len(findings):
+                raise ResultError("not all classes are counted as not evaluated")
+            continue
+        modifiers = find_content_items(num, name=PROBABILITY_OF, value_type=ValueTypeValues.CODE)
+        if len(modifiers) != 1:
+            raise ResultError("a probability is not tied to exactly one class")
+        finding = modifiers[0].value
+        class_name = _class_for(finding, findings)
+        if num.name != probability_concept(finding):
+            raise ResultError(f"the probability of {class_name!r} has another concept name")
+        if num.unit != PROBABILITY_UNIT:
+            raise ResultError(f"the probability of {class_name!r} is not in percent")
+        if class_name in probabilities:
+            raise ResultError(f"two probabilities for class {class_name!r}")
+        probabilities[class_name] = num.value / PERCENT
+    return probabilities, regions
+
+
+def _points(num: Dataset) -> list[ImagePoint]:
+    """The SCOORD points a NUM is inferred from."""
+    items = find_content_items(num, name=IMAGE_REGION, value_type=ValueTypeValues.SCOORD)
+    points = []
+    for item in items:
+        if item.GraphicType != GraphicTypeValues.POINT.value:
+            raise ResultError(f"image region is a {item.GraphicType}, not a POINT")
+        column, row = (float(v) for v in item.GraphicData)
+        points.append(ImagePoint(column=column, row=row))
+    return points
 
 
 def _texts(root: Dataset, name: CodedConcept | Code) -> list[str]:

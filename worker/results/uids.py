@@ -23,8 +23,10 @@ from dicom_node.core.errors import ResultError
 #: derived UID changes).
 UID_NAMESPACE: Final = uuid.UUID("55c1e195-96c0-4f11-bf4f-00032f04c70b")
 
-#: Kinds of derived UIDs.  Instance kinds take a source SOP Instance UID, series kinds the
-#: Study Instance UID (one series per kind and model version in a study).
+#: Kinds of derived UIDs.  Instance kinds take a source SOP Instance UID.  The SC series kind
+#: takes the Study Instance UID (one SC series per model version in a study); the SR series
+#: kind takes the source SOP Instance UID: each SR is a series of its own, because viewers
+#: such as OHIF 3.13 show only the newest SR of a series.
 KIND_SR: Final = "sr"
 KIND_SC: Final = "sc"
 KIND_SR_TRACKING: Final = "sr-tracking"
@@ -39,7 +41,7 @@ def derived_uid(source_sop_instance_uid: str, model_version: str, kind: str) -> 
     """UID of the ``kind`` object derived from ``source_sop_instance_uid`` by ``model_version``.
 
     The same three inputs always give the same UID; changing any of them gives another.  For
-    series kinds pass the Study Instance UID as the source.  Raises ``ResultError`` if the
+    the SC series kind pass the Study Instance UID as the source.  Raises ``ResultError`` if the
     source is not a valid UID or the version or kind is empty.
     """
     if len(source_sop_instance_uid) > _UID_MAX or not RE_VALID_UID.fullmatch(
