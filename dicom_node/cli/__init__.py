@@ -31,6 +31,7 @@ from dicom_node.cli import (
 from dicom_node.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Handler, Registrar
 from dicom_node.core.errors import ConfigError, CoronetError
 from dicom_node.core.logs import configure_logging
+from dicom_node.core.settings import DEFAULT_CONFIG
 
 _EPILOG = """\
 Configuration precedence: --set key=value, then CORONET_SECTION__FIELD environment variables,
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
     )
+    parser.set_defaults(config=DEFAULT_CONFIG)  # the sub-commands' --config has no default
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in REGISTRARS:
         register(sub)

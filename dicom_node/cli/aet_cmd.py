@@ -84,6 +84,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     listing.set_defaults(handler=_aet_list)
 
     add = aet_sub.add_parser("add", help="allow a caller or add a destination")
+    add_config_options(add, with_overrides=False)
     add_kind = add.add_subparsers(dest="kind", required=True, metavar="KIND")
     caller = add_kind.add_parser(
         "caller", help="allow a calling AE title, optionally only from one host"
@@ -108,6 +109,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dest.set_defaults(handler=_aet_add)
 
     remove = aet_sub.add_parser("remove", help="remove a caller or a destination")
+    add_config_options(remove, with_overrides=False)
     remove_kind = remove.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, metavar in (("caller", "TITLE"), ("destination", "NAME")):
         rm = remove_kind.add_parser(kind, help=f"remove the {kind} {metavar}")

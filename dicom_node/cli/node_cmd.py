@@ -187,9 +187,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "reload",
         help="make a running node re-read its configuration (SIGHUP)",
         description="Send SIGHUP to the node whose pid is in <spool_dir>/node.pid.  Use it "
-        "after `coronet aet add|remove`: new associations see the change, open ones go on.",
+        "after `coronet aet add|remove`: new associations see the change, open ones go on.  "
+        "The node re-reads its own configuration file with the --set values it was started "
+        "with; to change a value, edit the file (there is no --set here).",
     )
-    add_config_options(reload_parser)
+    add_config_options(reload_parser, with_overrides=False)
     reload_parser.add_argument(
         "--pid-file", type=Path, help="pid file of the node (default: <spool_dir>/node.pid)"
     )
