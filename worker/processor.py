@@ -8,7 +8,7 @@ One run of :meth:`StudyProcessor.run`:
 2. analyses each one not analysed before (:func:`worker.pipeline.process_dataset`: the image
    checks, the guarded decode, inference and the heatmap; a bad image becomes an
    "unassessable" result);
-3. writes the SR and the SC durably to the outbox (:mod:`worker.outbox`);
+3. writes the SR and the SC durably to the outbox (:mod:`dicom_node.core.outbox`);
 4. C-STOREs them to every configured destination (:mod:`worker.delivery`), skipping those
    already delivered there;
 5. marks the spool instances done once every result is delivered or dead-lettered.
@@ -46,11 +46,11 @@ from typing import Final, Protocol
 from pydicom.dataset import Dataset
 
 from dicom_node.core.errors import IngestError, TransientDeliveryError, describe_error
+from dicom_node.core.outbox import WHOLE_STUDY, Outbox, SourceRecord
 from dicom_node.core.settings import Settings
 from dicom_node.core.spool import Spool
 from worker.delivery import SendFn
 from worker.locks import InstanceCounters, InstanceLocks
-from worker.outbox import WHOLE_STUDY, Outbox, SourceRecord
 from worker.results.outcome import Prediction
 from worker.rounds import DeliveryRound, deliver, give_up, settle
 

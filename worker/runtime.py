@@ -19,6 +19,7 @@ import torch
 from pydicom.dataset import Dataset
 
 from dicom_node.core.logs import quiet_libraries
+from dicom_node.core.outbox import Outbox
 from dicom_node.core.settings import Settings
 from dicom_node.core.spool import Spool
 from worker.decoder import DecodeLimits, Decoder
@@ -26,7 +27,6 @@ from worker.delivery import Sender
 from worker.engine import Engine, load_engine
 from worker.locks import InstanceCounters, InstanceLocks
 from worker.options import WorkerOptions
-from worker.outbox import Outbox
 from worker.pipeline import InstanceResult, process_dataset
 from worker.processor import Analyse, IsolationPolicy, StudyProcessor
 

@@ -1,5 +1,6 @@
 """The durable outbox store: results waiting for delivery, delivery state per destination, dead
-letters.  Sending is :mod:`worker.rounds`; this module only reads and writes the folder.
+letters.  The worker writes it and sends from it (:mod:`worker.rounds`); the admin console reads it
+and marks dead letters for a retry.  This module only reads and writes the folder.
 
 On-disk format (version 1)::
 
