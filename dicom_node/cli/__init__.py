@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from dicom_node import __version__
 from dicom_node.cli import (
+    admin_cmd,
     aet_cmd,
     config_cmd,
     demo_cmd,
@@ -26,6 +27,7 @@ from dicom_node.cli import (
     node_cmd,
     outbox_cmd,
     run_cmd,
+    storage_cmd,
     worker_cmd,
 )
 from dicom_node.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Handler, Registrar
@@ -46,6 +48,8 @@ REGISTRARS: tuple[Registrar, ...] = (
     worker_cmd.register,
     infer_cmd.register,
     outbox_cmd.register,
+    storage_cmd.register,
+    admin_cmd.register,
     demo_cmd.register,
     run_cmd.register,
 )

@@ -22,6 +22,7 @@ EventOutcomeIndicator: 0 success, 4 minor failure (e.g. a refused login), 8 seri
 
 from __future__ import annotations
 
+import base64
 import datetime
 import socket
 from collections.abc import Mapping
@@ -202,7 +203,8 @@ def _object(root: ET.Element, obj: ParticipantObject) -> None:
     )
     _code(element, "ParticipantObjectIDTypeCode", obj.id_type)
     for name, value in obj.details.items():
-        ET.SubElement(element, "ParticipantObjectDetail", {"type": name, "value": value})
+        encoded = base64.b64encode(value.encode("utf-8")).decode("ascii")  # xs:base64Binary
+        ET.SubElement(element, "ParticipantObjectDetail", {"type": name, "value": encoded})
     if obj.description:
         ET.SubElement(element, "ParticipantObjectDescription").text = obj.description
     for uid, count in obj.sop_classes.items():

@@ -336,6 +336,13 @@ class Spool:
             raise IngestError(f"study {study_key} has no readable {_STUDY_FILE}")
         return str(data["study_uid"])
 
+    def study_created(self, study_key: str) -> float:
+        """When the study's first instance was stored (Unix time)."""
+        try:
+            return (self._study_dir(study_key) / _STUDY_FILE).stat().st_mtime
+        except OSError as err:
+            raise IngestError(f"study {study_key} has no readable {_STUDY_FILE}") from err
+
     def study_info(self, study_key: str) -> dict[str, str]:
         """The header fields kept for a study (see the module docstring); may be empty."""
         data = read_json(self._study_dir(study_key) / _STUDY_FILE, "spool metadata") or {}

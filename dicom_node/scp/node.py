@@ -159,6 +159,11 @@ class DicomNode:
             self._server.stream_limits = StreamLimits.from_settings(node, MAX_PDU_SIZE)
             self._server.pending_limits = _pending_limits(node)
 
+    @property
+    def listening(self) -> bool:
+        """Whether the DICOM listener is up."""
+        return self._server is not None and not self._stopped.is_set()
+
     def established(self) -> int:
         """Associations established with the current listener."""
         server = self._server
