@@ -64,6 +64,8 @@ def config_error_response(err: ConfigError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=409)
     if "not found" in reasons:
         return JSONResponse({"detail": str(err)}, status_code=404)
+    if "not writable" in reasons:
+        return JSONResponse({"detail": str(err)}, status_code=409)
     detail = [
         {"loc": ["body", path.split(".")[-1]], "field": path, "msg": reason, "type": "value_error"}
         for path, reason in err.problems

@@ -121,6 +121,12 @@ class ConfigEditor:
             except ConfigError:
                 self._audit(kind, actor, section, name, change, ok=False)
                 raise
+            except OSError as err:  # e.g. a read-only configuration file
+                self._audit(kind, actor, section, name, change, ok=False)
+                raise ConfigError(
+                    f"cannot write {self.path}: {err.strerror or err}",
+                    [("configuration file", "not writable")],
+                ) from err
         self._audit(kind, actor, section, name, change, ok=True)
         return settings
 

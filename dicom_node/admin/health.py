@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 
 from dicom_node.admin.services import AdminServices
 from dicom_node.core.errors import ConfigError
-from dicom_node.core.telemetry import WORKERS_KEY
+from dicom_node.core.telemetry import read_snapshot
 
 router = APIRouter()
 
@@ -45,10 +45,7 @@ def run_checks(services: AdminServices) -> dict[str, Check]:
     try:
         client = services.redis()
         client.ping()
-        workers = {
-            (m.decode() if isinstance(m, bytes) else str(m)): float(s)
-            for m, s in client.zrange(WORKERS_KEY, 0, -1, withscores=True)
-        }
+        workers = read_snapshot(client).workers
         checks["broker"] = Check(True, "Redis answers")
     except redis.exceptions.RedisError as err:
         checks["broker"] = Check(False, f"broker down: {err}")

@@ -111,8 +111,8 @@ def study_view(
         queued=sum(1 for i in selected if i.queued or i.done),
         analysed=sum(1 for i in selected if i.instance_key in records),
     )
-    for letter in outbox.dead_sources_of(study_key):
-        view.dead_letters.append(DeadLetterView("analysis", letter.key, letter.reason, letter.at))
+    for dead in outbox.dead_sources_of(study_key):
+        view.dead_letters.append(DeadLetterView("analysis", dead.key, dead.reason, dead.at))
     for destination in destinations:
         state = DestinationState(destination.name)
         for record in records.values():

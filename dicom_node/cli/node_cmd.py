@@ -158,11 +158,11 @@ def _serve(args: argparse.Namespace) -> int:
     pruning = _prune_job(node)
     try:
         _claim_pid_file(pid_path)
-        node.start()
-        if settings.admin.enabled:
+        if settings.admin.enabled:  # first: once the node says it listens, all of it answers
             admin = _admin_server(node, args, trail)
             admin.start()
             print(f"admin console on {admin.url}", flush=True)
+        node.start()
         pruning.start()
         host, port = node.address
         print(
