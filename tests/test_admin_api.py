@@ -10,6 +10,7 @@ import pytest
 from pynetdicom import AE
 
 from dicom_node.core import statuses
+from dicom_node.core.errors import ConfigError
 from dicom_node.core.settings import settings_from_data
 from dicom_node.core.spool import Spool
 from tests.support.admin import Admin, audit_messages, event_id, event_types
@@ -281,7 +282,7 @@ def test_the_audit_file_holds_well_formed_dicom_audit_messages(
 
 
 def test_the_admin_service_refuses_a_non_loopback_address_without_tls() -> None:
-    with pytest.raises(Exception, match="admin.tls"):
+    with pytest.raises(ConfigError, match=r"admin\.tls"):
         settings_from_data({"admin": {"host": "0.0.0.0"}})
     plain = settings_from_data({"admin": {"host": "0.0.0.0", "allow_plain_http": True}})
     assert plain.admin.allow_plain_http
