@@ -50,7 +50,7 @@ def run_checks(services: AdminServices) -> dict[str, Check]:
     except redis.exceptions.RedisError as err:
         checks["broker"] = Check(False, f"broker down: {err}")
     full = node.ingest.below_floor()
-    checks["disk"] = Check(full is None, full or f"{services.free_bytes()} bytes free")
+    checks["disk"] = Check(full is None, full or f"{services.free_bytes() / 1e9:.1f} GB free")
     try:
         node.spool.prepare()
         checks["spool"] = Check(True, "writable")

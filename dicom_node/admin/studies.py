@@ -6,7 +6,7 @@ A study's state, first match wins:
 * ``dead-lettered``: an instance, the whole study or a result has a dead letter (with reason);
 * ``stored``: no instance was selected for the model (e.g. a lateral view): nothing to do;
 * ``delivered``: every selected instance is analysed and every result is delivered to every
-  configured destination;
+  configured destination (a destination added after the study was finished is not counted);
 * ``analysed``: every selected instance is analysed, some results wait for a destination;
 * ``queued``: a task was published for it;
 * ``received``: stored, not queued yet (the study is still arriving, or the broker is down).
@@ -113,6 +113,7 @@ def study_view(
     )
     for dead in outbox.dead_sources_of(study_key):
         view.dead_letters.append(DeadLetterView("analysis", dead.key, dead.reason, dead.at))
+    done = {i.instance_key for i in instances if i.done}
     for destination in destinations:
         state = DestinationState(destination.name)
         for record in records.values():
@@ -121,7 +122,8 @@ def study_view(
                 if kind == "delivered":
                     state.delivered += 1
                 elif kind == "pending":
-                    state.pending += 1
+                    # A finished instance is not sent to a destination added after it.
+                    state.pending += record.instance_key not in done
                 else:
                     state.dead += 1
                     letter = outbox.dead_letter_of(key, destination.name)
