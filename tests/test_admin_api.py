@@ -254,7 +254,7 @@ def test_the_audit_file_holds_well_formed_dicom_audit_messages(
     assert [event_types(m) for m in by_event["110100"]] == [["110120"], ["110121"]]
     logins = by_event["110114"]
     outcomes = {
-        (event_types(m)[0], m.find("EventIdentification").attrib["EventOutcomeIndicator"])  # type: ignore[union-attr]
+        (event_types(m)[0], m.find("EventIdentification").attrib["EventOutcomeIndicator"])
         for m in logins
     }
     assert ("110122", "0") in outcomes and ("110123", "0") in outcomes  # storescu in and out
@@ -278,7 +278,7 @@ def test_the_audit_file_holds_well_formed_dicom_audit_messages(
     assert roles == ["110153", "110152"]
     (change,) = by_event["110113"]
     assert event_types(change) == ["110129"]
-    assert change.find("ActiveParticipant").attrib["UserID"] == admin.user  # type: ignore[union-attr]
+    assert change.find("ActiveParticipant").attrib["UserID"] == admin.user
 
 
 def test_the_admin_service_refuses_a_non_loopback_address_without_tls() -> None:
