@@ -51,6 +51,9 @@ class AdminCollector(Collector):
     def __init__(self, services: AdminServices) -> None:
         self.services = services
 
+    def describe(self) -> list[Metric]:
+        return []  # registering it must not scrape Redis and the disk
+
     def collect(self) -> Iterator[Metric]:
         settings = self.services.settings
         up = GaugeMetricFamily("coronet_broker_up", "1 when the broker answered this scrape")

@@ -40,6 +40,9 @@ class _QueuedStudies(Collector):
     def __init__(self, published: Callable[[], int]) -> None:
         self.published = published
 
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily("coronet_studies_queued", "Tasks published to the broker")]
+
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
             "coronet_studies_queued",
