@@ -19,5 +19,5 @@ RUN useradd --system --uid 1000 --home-dir /var/lib/coronet coronet \
     && chown -R coronet /var/lib/coronet
 USER coronet
 
-EXPOSE 11112
+EXPOSE 11112 8480
 CMD ["coronet", "--help"]

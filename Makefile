@@ -7,9 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := redis-server dcmtk dicom3tools orthanc orthanc-dicomweb openssl \
-	chromium chromium-driver
+	curl chromium chromium-driver
 DEB_TOOLS := redis-server storescu echoscu storescp dsr2html dciodvfy dcentvfy Orthanc openssl \
-	chromium chromedriver
+	curl chromium chromedriver
 DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 # The OHIF viewer of the viewer tests (tests/viewer/): the npm tarball of @ohif/app ships a
 # prebuilt dist/, unpacked into a cache folder outside the repository; nothing is built.
@@ -82,9 +82,10 @@ pytest: setup
 
 test: setup lint typecheck pytest
 
-# The README's OHIF screenshots (docs/images/ohif-*.png), from the viewer tests.
+# The README's screenshots (docs/images/ohif-*.png and console-*.png), from the browser tests.
 screenshots: setup
-	SCREENSHOT_DIR=docs/images OHIF_DIST="$(OHIF_DIST)" $(VENV)/bin/pytest tests/viewer
+	SCREENSHOT_DIR=docs/images OHIF_DIST="$(OHIF_DIST)" $(VENV)/bin/pytest tests/viewer \
+		tests/test_console_browser.py
 
 run: setup
 	$(VENV)/bin/coronet run --config $(CONFIG) $(RUN_ARGS)

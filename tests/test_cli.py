@@ -17,9 +17,11 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "node.yaml"
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the example, in the current folder (its var/ audit file goes there too)."""
     path = tmp_path / "node.yaml"
     shutil.copyfile(EXAMPLE, path)
+    monkeypatch.chdir(tmp_path)
     return path
 
 
@@ -167,6 +169,10 @@ def test_aet_add_to_empty_lists(tmp_path: Path) -> None:
         ["aet", "add", "destination"],
         ["aet", "remove"],
         ["aet", "list"],
+        ["admin", "user", "add"],
+        ["storage", "prune"],
+        ["node", "serve"],
+        ["node", "reload"],
     ],
 )
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -185,3 +191,64 @@ def test_console_script_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["aet", "add", "--config", "{config}", "caller", "FRONT", "--host", "10.20.30.40"],
+        ["aet", "add", "caller", "--config", "{config}", "FRONT"],
+        ["aet", "add", "caller", "FRONT", "--config", "{config}"],
+    ],
+    ids=["before-the-kind", "after-the-kind", "at-the-end"],
+)
+def test_config_is_accepted_before_and_after_the_kind(config: Path, argv: list[str]) -> None:
+    assert main([a.format(config=config) for a in argv]) == EXIT_OK
+    assert "FRONT" in [c["ae_title"] for c in yaml.safe_load(config.read_text())["callers"]]
+    assert main(["aet", "remove", "--config", str(config), "caller", "FRONT"]) == EXIT_OK
+    assert "FRONT" not in config.read_text()
+
+
+def test_aet_changes_are_audited_with_the_operating_system_user(config: Path) -> None:
+    assert main(["aet", "add", "--config", str(config), "caller", "AUDITED"]) == EXIT_OK
+    lines = (config.parent / "var" / "audit" / "audit.log").read_text().splitlines()
+    assert len(lines) == 1
+    assert 'csd-code="110129"' in lines[0] and "AUDITED" in lines[0]
+
+
+def test_node_reload_refuses_set_instead_of_ignoring_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["node", "reload", "--set", "node.port=1"])
+    assert info.value.code == EXIT_USAGE
+    assert "unrecognized arguments: --set" in capsys.readouterr().err
+
+
+def test_a_yaml_syntax_error_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("node:\n  port: [1,\n")
+    assert main(["config", "check", str(path)]) == EXIT_USAGE
+    assert main(["aet", "add", "caller", "X", "--config", str(path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count(f'in "{path}", line') >= 2
+    assert "<unicode string>" not in err
+
+
+def test_piping_aet_list_into_head_prints_no_traceback(tmp_path: Path) -> None:
+    """The reader goes away after one line while coronet still writes (more than a pipe holds)."""
+    callers = [{"ae_title": f"C{i}", "host": "127.0.0.1"} for i in range(4000)]
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump({"callers": callers}))
+    result = subprocess.run(
+        f"{sys.executable} -m dicom_node.cli aet list --config {path} | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        executable="/bin/bash",
+    )
+    assert result.stdout.startswith("our AE title: CORONET")
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr

@@ -146,6 +146,18 @@ def test_orthanc_routes_to_the_node_and_receives_results(compose: dict[str, Any]
     assert _mounts(orthanc)[script] == ROOT / "configs" / "orthanc" / "autoroute.lua"
 
 
+def test_the_admin_service_is_published_on_the_host_loopback_only(
+    compose: dict[str, Any],
+) -> None:
+    settings = _settings(compose)
+    admin = settings.admin
+    assert admin.enabled and admin.host == "0.0.0.0" and admin.allow_plain_http
+    published = [str(p) for p in _service(compose, "node")["ports"]]
+    assert f"127.0.0.1:{admin.port}:{admin.port}" in published
+    for path in (admin.users_file, admin.secret_file, settings.audit.file):
+        assert str(path).startswith("/var/lib/coronet/")  # the data volume, not the config
+
+
 def test_healthchecks_use_allowed_callers(compose: dict[str, Any]) -> None:
     settings = _settings(compose)
     test = _service(compose, "node")["healthcheck"]["test"]

@@ -128,5 +128,20 @@ def test_bad_file_is_reported_and_the_rest_go_on(
     assert "notes.dcm" in err
 
 
+def test_a_folder_names_each_skipped_file_and_the_exit_status_says_it_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "README.txt").write_text("not DICOM")
+    shutil.copy(rg1(), folder / "good.dcm")
+    out = tmp_path / "out"
+    assert infer(str(folder), "--out", str(out), "--no-heatmap") == 1
+    assert (out / "good.json").exists()
+    captured = capsys.readouterr()
+    assert f"skipped {folder / 'README.txt'}: not a DICOM file" in captured.err
+    assert "1 of 2 files processed" in captured.out
+
+
 def test_no_inputs(tmp_path: Path) -> None:
     assert infer(str(tmp_path), "--out", str(tmp_path / "out")) == 1

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from dicom_node.cli import main
 from dicom_node.core import statuses
 from dicom_node.core.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
+from dicom_node.core.outbox import Outbox
 from dicom_node.core.settings import Destination, Timeouts
 from dicom_node.core.spool import Spool, key_for
 from tests.support.dicom_tools import dciodvfy
@@ -21,7 +22,6 @@ from tests.support.ports import free_port
 from tests.support.results import phantom_source, results_for
 from tests.support.scp import running_scp
 from worker.delivery import Disposition, SendOutcome, send_files
-from worker.outbox import Outbox
 from worker.rounds import deliver, give_up, order_for_sending, settle
 
 STUDY = "a" * 32

@@ -26,6 +26,7 @@ from dicom_node.cli import build_parser, main
 from dicom_node.cli.worker_cmd import check_bundle, worker_options
 from dicom_node.core.backoff import backoff_delay
 from dicom_node.core.errors import ConfigError, InferenceError
+from dicom_node.core.outbox import Outbox
 from dicom_node.core.settings import Settings, settings_from_data
 from dicom_node.core.spool import Spool, StoredInstance
 from dicom_node.scp.queueing import TASK_NAME, CeleryQueue
@@ -39,7 +40,6 @@ from tests.support.scp import RecordingSCP
 from worker.celery_app import make_app, runtime_of
 from worker.locks import AttemptCounter, InstanceLocks
 from worker.options import WorkerOptions
-from worker.outbox import Outbox
 from worker.results.outcome import Unassessable
 from worker.runtime import resolve_device
 

@@ -39,6 +39,8 @@ from celery.signals import (
     after_setup_task_logger,
     worker_init,
     worker_process_init,
+    worker_ready,
+    worker_shutdown,
 )
 
 from dicom_node.core.backoff import backoff_delay
@@ -46,6 +48,8 @@ from dicom_node.core.errors import CoronetError, IngestError
 from dicom_node.core.logs import make_safe
 from dicom_node.core.settings import DEFAULT_CONFIG, Settings, load_settings
 from dicom_node.core.task import TASK_NAME, StudyTask
+from worker.destinations import DestinationSource
+from worker.heartbeat import Heartbeat
 from worker.locks import AttemptCounter
 from worker.options import WorkerOptions
 from worker.processor import Analyse
@@ -58,11 +62,17 @@ CONFIG_ENV = "CORONET_CONFIG"
 
 
 def make_app(
-    settings: Settings, options: WorkerOptions | None = None, *, analyse: Analyse | None = None
+    settings: Settings,
+    options: WorkerOptions | None = None,
+    *,
+    analyse: Analyse | None = None,
+    destinations: DestinationSource | None = None,
 ) -> Celery:
     """The worker's Celery app with ``coronet.process_study`` registered.
 
     ``analyse`` replaces the model for tests; the engine is then never loaded.
+    ``destinations`` re-reads the destination list before each task (default: the list of
+    ``settings``, fixed).
     """
     options = options or WorkerOptions()
     queue = options.queue or settings.broker.queue
@@ -91,7 +101,7 @@ def make_app(
         worker_redirect_stdouts=False,
         enable_utc=True,
     )
-    runtime = WorkerRuntime(settings, options)
+    runtime = WorkerRuntime(settings, options, destinations)
     register_tasks(app, runtime, analyse)
     app.coronet_runtime = runtime
     if analyse is None:
@@ -117,7 +127,18 @@ def _connect_signals(app: Celery, runtime: WorkerRuntime) -> None:
         if logger is not None:
             make_safe(logger)  # one line per record, no values echoed by pydicom
 
+    heartbeat = Heartbeat(runtime.redis)
+
+    def on_worker_ready(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            heartbeat.start()
+
+    def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+        heartbeat.stop()
+
     uid = f"coronet-worker-{id(runtime)}"
+    worker_ready.connect(on_worker_ready, weak=False, dispatch_uid=uid)
+    worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid=uid)
     worker_process_init.connect(on_process_init, weak=False, dispatch_uid=uid)
     worker_init.connect(on_worker_init, weak=False, dispatch_uid=uid)
     after_setup_logger.connect(on_logging_set_up, weak=False, dispatch_uid=uid)

@@ -8,9 +8,10 @@ For each input it writes, into ``--out``:
 - ``<stem>.json``: class, probabilities, timings and model version;
 - ``<stem>.png`` with ``--png``: the heatmap overlay as a picture.
 
-A file that is not readable DICOM is reported and skipped; the rest go on.  The exit status is
-1 when any file failed.  Images are decoded as in the worker: checked first, then decoded in a
-decoder process with the limits of ``model.*`` (:mod:`worker.decoder`).
+A file that is not readable DICOM is reported and skipped, with its reason; the rest go on.  A
+folder gives every file in it: each file that is not DICOM is named as skipped too.  The exit
+status is 1 when any file failed or was skipped.  Images are decoded as in the worker: checked
+first, then decoded in a decoder process with the limits of ``model.*`` (:mod:`worker.decoder`).
 """
 
 from __future__ import annotations
@@ -40,13 +41,38 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 
+NOT_DICOM = "not a DICOM file (no DICM prefix after the 128-byte preamble, PS3.10 7.1)"
+
+
 def iter_inputs(paths: Sequence[Path]) -> Iterator[Path]:
-    """Files as given; folders give their DICOM files (by preamble), recursively, sorted."""
+    """Files as given; folders give every file in them, recursively, sorted."""
     for path in paths:
         if path.is_dir():
-            yield from (p for p in sorted(path.rglob("*")) if p.is_file() and is_dicom_file(p))
+            yield from (p for p in sorted(path.rglob("*")) if p.is_file())
         else:
             yield path
+
+
+def screen_inputs(paths: Sequence[Path]) -> tuple[list[Path], dict[str, str]]:
+    """The files to analyse, and the files of the given folders that are skipped, each with
+    its reason.  A file named explicitly is always tried (and fails if it is not DICOM)."""
+    explicit = {path for path in paths if not path.is_dir()}
+    files: list[Path] = []
+    skipped: dict[str, str] = {}
+    for path in iter_inputs(paths):
+        if path in explicit:
+            files.append(path)
+            continue
+        try:
+            dicom = is_dicom_file(path)
+        except OSError as err:
+            skipped[str(path)] = f"cannot read: {err.strerror or err}"
+            continue
+        if dicom:
+            files.append(path)
+        else:
+            skipped[str(path)] = NOT_DICOM
+    return files, skipped
 
 
 def summary(path: Path, result: InstanceResult, engine: Engine, total_s: float) -> dict[str, Any]:
@@ -108,8 +134,10 @@ def run_infer(
     preset: str | None = "default",
     png: bool = False,
 ) -> int:
-    """Process every input; return the exit status (1 when any file failed)."""
-    paths = list(iter_inputs(inputs))
+    """Process every input; return the exit status (1 when any file failed or was skipped)."""
+    paths, skipped = screen_inputs(inputs)
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
     if not paths:
         print("error: no DICOM files found in the given paths", file=sys.stderr)
         return EXIT_FAILED
@@ -117,7 +145,7 @@ def run_infer(
     engine = load_engine(
         bundle_dir or settings.model.bundle_dir, device or settings.model.device, weights
     )
-    failures: dict[str, str] = {}
+    failures = dict(skipped)
     with Decoder(decode_limits(settings, engine)) as decoder:
         for path in tqdm(paths, desc="coronet infer", unit="img", disable=len(paths) < 2):
             try:
@@ -129,7 +157,8 @@ def run_infer(
                 tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
                 continue
             tqdm.write(f"{path.name}: {record['predicted'] or 'not assessable'}")
-    print(f"{len(paths) - len(failures)} of {len(paths)} files processed; results in {out}")
+    total = len(paths) + len(skipped)
+    print(f"{total - len(failures)} of {total} files processed; results in {out}")
     for name, why in failures.items():
         print(f"  failed: {name}: {why}", file=sys.stderr)
     return EXIT_FAILED if failures else EXIT_OK

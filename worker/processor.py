@@ -8,7 +8,7 @@ One run of :meth:`StudyProcessor.run`:
 2. analyses each one not analysed before (:func:`worker.pipeline.process_dataset`: the image
    checks, the guarded decode, inference and the heatmap; a bad image becomes an
    "unassessable" result);
-3. writes the SR and the SC durably to the outbox (:mod:`worker.outbox`);
+3. writes the SR and the SC durably to the outbox (:mod:`dicom_node.core.outbox`);
 4. C-STOREs them to every configured destination (:mod:`worker.delivery`), skipping those
    already delivered there;
 5. marks the spool instances done once every result is delivered or dead-lettered.
@@ -46,11 +46,12 @@ from typing import Final, Protocol
 from pydicom.dataset import Dataset
 
 from dicom_node.core.errors import IngestError, TransientDeliveryError, describe_error
-from dicom_node.core.settings import Settings
+from dicom_node.core.outbox import WHOLE_STUDY, Outbox, SourceRecord
+from dicom_node.core.settings import Destination, Settings
 from dicom_node.core.spool import Spool
 from worker.delivery import SendFn
 from worker.locks import InstanceCounters, InstanceLocks
-from worker.outbox import WHOLE_STUDY, Outbox, SourceRecord
+from worker.observer import WorkerObserver
 from worker.results.outcome import Prediction
 from worker.rounds import DeliveryRound, deliver, give_up, settle
 
@@ -144,8 +145,15 @@ class StudyProcessor:
         send: SendFn,
         counters: InstanceCounters,
         policy: IsolationPolicy | None = None,
+        *,
+        destinations: Callable[[], Sequence[Destination]] | None = None,
+        observer: WorkerObserver | None = None,
     ) -> None:
+        """``destinations`` gives the current destination list for each run (default: the
+        settings' list); ``observer`` gets the metrics and audit events."""
         self.settings = settings
+        self.destinations = destinations or (lambda: settings.destinations)
+        self.observer = observer or WorkerObserver()
         self.spool = spool
         self.outbox = outbox
         self.analyse = analyse
@@ -225,16 +233,18 @@ class StudyProcessor:
             if record is not None:
                 records.append(record)
                 report.results.extend(record.results)
-        destinations = self.settings.destinations
+        destinations = list(self.destinations())
         if report.results and not destinations:
             logger.warning("no destinations configured: results stay in the outbox")
         started = time.perf_counter()
         report.delivery = deliver(self.outbox, destinations, report.results, self.send)
         report.add_timing("delivery", time.perf_counter() - started)
+        self.observer.delivered(self.outbox, report.delivery, destinations)
         if final_attempt and report.delivery.transient:
             report.given_up = give_up(
                 self.outbox, report.delivery, "destination unavailable after the last retry"
             )
+            self.observer.dead_lettered("delivery", report.given_up)
         report.done = settle(self.outbox, self.spool, destinations, records)
 
     def _note_received(
@@ -280,7 +290,11 @@ class StudyProcessor:
             return None
         try:
             result = self.analyse(dataset, path)
-            return self._store(report, instance_key, result, received)
+            record = self._store(report, instance_key, result, received)
+            self.observer.analysed(
+                record.outcome, time.perf_counter() - started, dict(result.timings)
+            )
+            return record
         except self.policy.fatal:
             raise
         except (TransientDeliveryError, OSError) as err:  # the file or the outbox, not the data
@@ -348,6 +362,7 @@ class StudyProcessor:
         self.counters.read_failures.reset(study_key, WHOLE_STUDY)
         why = f"the study is not in the spool after {failures} attempts: {reason}"
         self.outbox.dead_letter_study(study_key, why)
+        self.observer.dead_lettered("analysis")
         report.failed += 1
         logger.error("study %s dead-lettered: %s", study_key, why)
 
@@ -355,6 +370,7 @@ class StudyProcessor:
         study_key = report.study_key
         logger.error("study %s instance %s dead-lettered: %s", study_key, instance_key, reason)
         self.outbox.dead_letter_source(study_key, instance_key, reason)
+        self.observer.dead_lettered("analysis")
         try:
             self.spool.mark_done(study_key, [instance_key])
         except IngestError as err:  # the study folder itself is gone
@@ -369,10 +385,12 @@ class StudyProcessor:
             targets = self.targets(study_key, instance_keys)
         except StudyNotInSpool:
             self.outbox.dead_letter_study(study_key, reason)
+            self.observer.dead_lettered("analysis")
             logger.error("study %s dead-lettered: %s", study_key, reason)
             return []
         for instance_key in targets:
             self.outbox.dead_letter_source(study_key, instance_key, reason)
+        self.observer.dead_lettered("analysis", len(targets))
         if targets:
             try:
                 self.spool.mark_done(study_key, targets)

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dicom_node.core.errors import IngestError, PermanentDeliveryError, TransientDeliveryError
+from dicom_node.core.outbox import KIND_ORDER, Outbox, SourceRecord, State
 from dicom_node.core.settings import Destination
 from dicom_node.core.spool import Spool
 from worker.delivery import Disposition, SendFn, describe_status
-from worker.outbox import KIND_ORDER, Outbox, SourceRecord, State
 
 logger = logging.getLogger(__name__)
 

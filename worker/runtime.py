@@ -18,15 +18,19 @@ import redis
 import torch
 from pydicom.dataset import Dataset
 
+from dicom_node.core.audit_trail import AuditTrail, default_source_id
 from dicom_node.core.logs import quiet_libraries
+from dicom_node.core.outbox import Outbox
 from dicom_node.core.settings import Settings
 from dicom_node.core.spool import Spool
+from dicom_node.core.telemetry import TelemetryWriter
 from worker.decoder import DecodeLimits, Decoder
 from worker.delivery import Sender
+from worker.destinations import DestinationSource
 from worker.engine import Engine, load_engine
 from worker.locks import InstanceCounters, InstanceLocks
+from worker.observer import WorkerObserver
 from worker.options import WorkerOptions
-from worker.outbox import Outbox
 from worker.pipeline import InstanceResult, process_dataset
 from worker.processor import Analyse, IsolationPolicy, StudyProcessor
 
@@ -80,9 +84,18 @@ class WorkerRuntime:
     across ``fork``.
     """
 
-    def __init__(self, settings: Settings, options: WorkerOptions) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        options: WorkerOptions,
+        destinations: DestinationSource | None = None,
+    ) -> None:
         self.settings = settings
         self.options = options
+        self.destinations = destinations or DestinationSource(settings.destinations)
+        self.audit_trail = AuditTrail.from_settings(
+            settings.audit, default_source_id(settings.node.ae_title)
+        )
         self.spool = Spool(settings.storage.spool_dir)
         self.outbox = Outbox(settings.storage.outbox_dir)
         self.engine: Engine | None = None
@@ -169,4 +182,8 @@ class WorkerRuntime:
             Sender.from_settings(self.settings),
             InstanceCounters(client),
             policy,
+            destinations=self.destinations,
+            observer=WorkerObserver(
+                TelemetryWriter(client), self.audit_trail, self.settings.node.ae_title
+            ),
         )

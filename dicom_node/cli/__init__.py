@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from dicom_node import __version__
 from dicom_node.cli import (
+    admin_cmd,
     aet_cmd,
     config_cmd,
     demo_cmd,
@@ -26,11 +27,13 @@ from dicom_node.cli import (
     node_cmd,
     outbox_cmd,
     run_cmd,
+    storage_cmd,
     worker_cmd,
 )
 from dicom_node.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Handler, Registrar
 from dicom_node.core.errors import ConfigError, CoronetError
 from dicom_node.core.logs import configure_logging
+from dicom_node.core.settings import DEFAULT_CONFIG
 
 _EPILOG = """\
 Configuration precedence: --set key=value, then CORONET_SECTION__FIELD environment variables,
@@ -45,6 +48,8 @@ REGISTRARS: tuple[Registrar, ...] = (
     worker_cmd.register,
     infer_cmd.register,
     outbox_cmd.register,
+    storage_cmd.register,
+    admin_cmd.register,
     demo_cmd.register,
     run_cmd.register,
 )
@@ -63,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
     )
+    parser.set_defaults(config=DEFAULT_CONFIG)  # the sub-commands' --config has no default
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in REGISTRARS:
         register(sub)
@@ -76,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        status = handler(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return status
     except BrokenPipeError:
         # The reader went away (e.g. `coronet aet list | head`): not a failure of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

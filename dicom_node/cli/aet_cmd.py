@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dicom_node.admin.config_edits import Actor, ConfigEditor
 from dicom_node.cli.common import EXIT_OK, add_config_options
 from dicom_node.cli.config_cmd import describe_tls
-from dicom_node.core.config_file import ConfigDocument
+from dicom_node.cli.node_cmd import audit_trail
 from dicom_node.core.settings import load_settings
+from dicom_node.scp.node import launcher
 
 
 def _aet_list(args: argparse.Namespace) -> int:
@@ -28,17 +30,27 @@ def _aet_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _editor(args: argparse.Namespace) -> ConfigEditor:
+    """Edits of ``--config``, audited with the file's own audit settings."""
+    return ConfigEditor(args.config, audit_trail(load_settings(args.config)))
+
+
 def _aet_add(args: argparse.Namespace) -> int:
-    doc = ConfigDocument(args.config)
+    editor, actor = _editor(args), Actor(launcher())
     if args.kind == "caller":
-        doc.add_caller(args.ae_title, args.host)
-        what = f"caller {args.ae_title.strip()}"
+        editor.add_caller(actor, args.ae_title, args.host)
+        print(
+            f"added caller {args.ae_title.strip()} to {args.config}; "
+            "reload a running node to apply it (coronet node reload)"
+        )
     else:
-        tls = _tls_from_args(args)
-        doc.add_destination(args.name, args.ae_title, args.host, args.port, tls)
-        what = f"destination {args.name}"
-    doc.save()
-    print(f"added {what} to {args.config}; reload a running node to apply it")
+        editor.add_destination(
+            actor, args.name, args.ae_title, args.host, args.port, _tls_from_args(args)
+        )
+        print(
+            f"added destination {args.name} to {args.config}; "
+            "running workers use it from their next study"
+        )
     return EXIT_OK
 
 
@@ -56,15 +68,14 @@ def _tls_from_args(args: argparse.Namespace) -> dict[str, str] | None:
 
 
 def _aet_remove(args: argparse.Namespace) -> int:
-    doc = ConfigDocument(args.config)
+    editor, actor = _editor(args), Actor(launcher())
     if args.kind == "caller":
-        doc.remove_caller(args.target)
+        editor.remove_caller(actor, args.target)
+        applies = "reload a running node to apply it (coronet node reload)"
     else:
-        doc.remove_destination(args.target)
-    doc.save()
-    print(
-        f"removed {args.kind} {args.target} from {args.config}; reload a running node to apply it"
-    )
+        editor.remove_destination(actor, args.target)
+        applies = "running workers stop using it from their next study"
+    print(f"removed {args.kind} {args.target} from {args.config}; {applies}")
     return EXIT_OK
 
 
@@ -84,6 +95,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     listing.set_defaults(handler=_aet_list)
 
     add = aet_sub.add_parser("add", help="allow a caller or add a destination")
+    add_config_options(add, with_overrides=False)
     add_kind = add.add_subparsers(dest="kind", required=True, metavar="KIND")
     caller = add_kind.add_parser(
         "caller", help="allow a calling AE title, optionally only from one host"
@@ -108,6 +120,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dest.set_defaults(handler=_aet_add)
 
     remove = aet_sub.add_parser("remove", help="remove a caller or a destination")
+    add_config_options(remove, with_overrides=False)
     remove_kind = remove.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, metavar in (("caller", "TITLE"), ("destination", "NAME")):
         rm = remove_kind.add_parser(kind, help=f"remove the {kind} {metavar}")

@@ -25,11 +25,17 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 
 
 def add_config_options(parser: argparse.ArgumentParser, *, with_overrides: bool = True) -> None:
-    """``--config FILE`` and, optionally, repeatable ``--set key=value``."""
+    """``--config FILE`` and, optionally, repeatable ``--set key=value``.
+
+    ``--config`` has no default of its own (the ``coronet`` parser sets it once), so a command
+    may accept it at several levels, e.g. ``aet add --config F caller X`` as well as
+    ``aet add caller X --config F``: a sub-command that does not see it leaves the value of the
+    level above.
+    """
     parser.add_argument(
         "--config",
         type=Path,
-        default=DEFAULT_CONFIG,
+        default=argparse.SUPPRESS,
         metavar="FILE",
         help=f"node configuration file (default: {DEFAULT_CONFIG})",
     )

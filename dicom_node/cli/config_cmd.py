@@ -27,9 +27,23 @@ def format_summary(settings: Settings) -> str:
     for dest in settings.destinations:
         where = f"{dest.ae_title} at {dest.host}:{dest.port}"
         lines.append(f"  {dest.name:<16} {where} ({describe_tls(dest.tls)})")
+    storage, admin, audit = settings.storage, settings.admin, settings.audit
+    retention = f"{storage.retention:g} days" if storage.retention is not None else "for ever"
+    scheme = "https" if admin.tls else "http"
     lines += [
-        f"spool        {settings.storage.spool_dir}",
-        f"outbox       {settings.storage.outbox_dir}",
+        f"spool        {storage.spool_dir} (refuses instances below "
+        f"{storage.min_free_bytes / (1 << 30):.1f} GiB free; delivered studies kept {retention})",
+        f"outbox       {storage.outbox_dir}",
+        f"admin        {scheme}://{admin.host}:{admin.port}/ (users in {admin.users_file})"
+        if admin.enabled
+        else "admin        off",
+        f"audit        {audit.sink}"
+        + (f" {audit.file}" if audit.sink == "file" else "")
+        + (
+            f" {audit.syslog.host}:{audit.syslog.port}/{audit.syslog.transport}"
+            if audit.syslog and audit.sink == "syslog"
+            else ""
+        ),
         f"broker       {settings.broker.url} queue {settings.broker.queue}",
         f"model        {settings.model.bundle_dir} on {settings.model.device}",
         f"selection    modalities {','.join(settings.selection.modalities)}; "

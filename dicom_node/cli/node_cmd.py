@@ -16,14 +16,23 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from dicom_node.admin.app import create_app
+from dicom_node.admin.config_edits import ConfigEditor
+from dicom_node.admin.jobs import PeriodicJob
+from dicom_node.admin.retention import prune
+from dicom_node.admin.server import AdminServer
+from dicom_node.admin.services import AdminServices, load_secret
+from dicom_node.admin.users import UserStore
 from dicom_node.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     add_config_options,
     settings_from_args,
 )
+from dicom_node.core.audit_trail import AuditTrail, default_source_id
 from dicom_node.core.errors import CoronetError
 from dicom_node.core.logs import quiet_libraries
+from dicom_node.core.outbox import Outbox
 from dicom_node.core.settings import Settings
 from dicom_node.scp.node import DicomNode
 from worker.delivery import echo
@@ -33,6 +42,11 @@ logger = logging.getLogger(__name__)
 PID_FILE = "node.pid"
 
 _SERVE_EPILOG = """\
+Admin service: with admin.enabled (the default) the node also serves the web console, the
+REST API (/api/v1), /healthz and /metrics on admin.host:admin.port (loopback by default; see
+`coronet admin user add`).  Delivered studies are removed after storage.retention days, checked
+every storage.prune_interval seconds.
+
 Signals: SIGHUP reloads the configuration (callers, AE title, SOP classes, limits, selection,
 grouping, broker; a new host, port or TLS setting opens a new listener); SIGINT and SIGTERM
 stop the node.  Instances are answered Success only once they are on disk; anything spooled
@@ -83,10 +97,51 @@ def _node_logging(verbosity: int) -> None:
         quiet_libraries()
 
 
+def audit_trail(settings: Settings) -> AuditTrail:
+    """The audit trail of ``settings`` (the node's and the admin commands')."""
+    return AuditTrail.from_settings(settings.audit, default_source_id(settings.node.ae_title))
+
+
+def _echo_destination(settings: Settings, name: str) -> tuple[bool, str]:
+    return echo(settings, name, 10.0)
+
+
+def _admin_server(node: DicomNode, args: argparse.Namespace, trail: AuditTrail) -> AdminServer:
+    """The admin service of a running node, wired to the worker's C-ECHO (composition root)."""
+    settings = node.settings
+    services = AdminServices(
+        node=node,
+        config_path=args.config,
+        overrides=list(args.overrides),
+        editor=ConfigEditor(args.config, trail),
+        users=UserStore(settings.admin.users_file),
+        audit_trail=trail,
+        echo=_echo_destination,
+        secret=load_secret(settings.admin.secret_file),
+    )
+    app = create_app(services, secure=settings.admin.tls is not None)
+    return AdminServer(app, settings.admin)
+
+
+def _prune_job(node: DicomNode) -> PeriodicJob:
+    def run() -> None:
+        storage = node.settings.storage
+        if storage.retention is not None:
+            prune(
+                node.spool,
+                Outbox(storage.outbox_dir),
+                node.settings.destinations,
+                storage.retention,
+            )
+
+    return PeriodicJob("retention", lambda: node.settings.storage.prune_interval, run)
+
+
 def _serve(args: argparse.Namespace) -> int:
     _node_logging(getattr(args, "verbose", 0))
     settings = settings_from_args(args)
-    node = DicomNode.from_settings(settings)
+    trail = audit_trail(settings)
+    node = DicomNode.from_settings(settings, audit_trail=trail)
     node.spool.prepare()  # a clear error for an unusable folder, before its pid file
     wake = threading.Event()
     requests: dict[str, bool] = {"stop": False, "reload": False}
@@ -99,9 +154,16 @@ def _serve(args: argparse.Namespace) -> int:
         s: signal.signal(s, on_signal) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
     }
     pid_path = pid_file(settings)
+    admin: AdminServer | None = None
+    pruning = _prune_job(node)
     try:
         _claim_pid_file(pid_path)
+        if settings.admin.enabled:  # first: once the node says it listens, all of it answers
+            admin = _admin_server(node, args, trail)
+            admin.start()
+            print(f"admin console on {admin.url}", flush=True)
         node.start()
+        pruning.start()
         host, port = node.address
         print(
             f"{settings.node.ae_title} listening on {host}:{port} (pid {os.getpid()})", flush=True
@@ -113,7 +175,11 @@ def _serve(args: argparse.Namespace) -> int:
                 requests["reload"] = False
                 _reload(node, args)
     finally:
+        pruning.stop()
+        if admin is not None:
+            admin.stop()
         node.stop()
+        trail.close()
         _release_pid_file(pid_path)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -187,9 +253,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "reload",
         help="make a running node re-read its configuration (SIGHUP)",
         description="Send SIGHUP to the node whose pid is in <spool_dir>/node.pid.  Use it "
-        "after `coronet aet add|remove`: new associations see the change, open ones go on.",
+        "after `coronet aet add|remove`: new associations see the change, open ones go on.  "
+        "The node re-reads its own configuration file with the --set values it was started "
+        "with; to change a value, edit the file (there is no --set here).",
     )
-    add_config_options(reload_parser)
+    add_config_options(reload_parser, with_overrides=False)
     reload_parser.add_argument(
         "--pid-file", type=Path, help="pid file of the node (default: <spool_dir>/node.pid)"
     )

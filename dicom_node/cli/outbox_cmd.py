@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 from dicom_node.cli.common import EXIT_FAILED, EXIT_OK, add_config_options, settings_from_args
 from dicom_node.core.logs import quiet_libraries
+from dicom_node.core.outbox import STATES, Outbox, State
 from dicom_node.core.settings import Destination, Settings
 from dicom_node.core.spool import Spool
 from worker.delivery import Sender, describe_status
-from worker.outbox import STATES, Outbox, State
 from worker.rounds import DeliveryRound, retry_outbox
 
 

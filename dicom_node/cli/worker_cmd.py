@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
+import warnings
 from pathlib import Path
 
 from dicom_node.cli.common import (
@@ -186,9 +188,22 @@ def worker_options(args: argparse.Namespace, device: str, gpu_count: int) -> Wor
     )
 
 
+def root_notice() -> str | None:
+    """One line about running as root, instead of Celery's warning (see :func:`_worker`)."""
+    if os.geteuid() != 0:
+        return None
+    return (
+        "warning: the worker runs as root (uid 0); it accepts JSON messages only, but a "
+        "service should run as an unprivileged user (the Docker image uses 'coronet')"
+    )
+
+
 def _worker(args: argparse.Namespace) -> int:
     # heavy: the Celery app loads torch and MONAI; imported here so `coronet --help` stays fast
+    from celery.exceptions import SecurityWarning
+
     from worker.celery_app import make_app
+    from worker.destinations import DestinationSource
     from worker.runtime import detect_gpus
 
     settings = settings_from_args(args)
@@ -196,7 +211,18 @@ def _worker(args: argparse.Namespace) -> int:
     gpus = detect_gpus() if settings.model.device == "auto" else 0
     options = worker_options(args, settings.model.device, gpus)
     quiet_libraries()
-    app = make_app(settings, options)
+    notice = root_notice()
+    if notice is not None:
+        # Celery warns in 6 lines whenever it runs as root (celery.platforms.check_privileges;
+        # C_FORCE_ROOT only matters with pickle, which we never accept).  The cause is real, so
+        # it is said once, in one line, and Celery's other security warnings still show.
+        print(notice, file=sys.stderr, flush=True)
+        warnings.filterwarnings(
+            "ignore", message="You're running the worker with superuser privileges",
+            category=SecurityWarning,
+        )  # fmt: skip
+    destinations = DestinationSource(settings.destinations, args.config, args.overrides)
+    app = make_app(settings, options, destinations=destinations)
     queue = options.queue or settings.broker.queue
     hostname = args.hostname or f"coronet-{os.getpid()}@{socket.gethostname()}"
     print(

@@ -15,12 +15,17 @@ from typing import Any
 import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import CommentMark
+from ruamel.yaml.error import CommentMark, YAMLError
 from ruamel.yaml.tokens import CommentToken
 
 from dicom_node.core.durable import replace_text
 from dicom_node.core.errors import ConfigError
-from dicom_node.core.settings import Settings, settings_from_data, validate_ae_title
+from dicom_node.core.settings import (
+    Settings,
+    named_stream,
+    settings_from_data,
+    validate_ae_title,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +99,10 @@ class ConfigDocument:
             self._original = path.read_text(encoding="utf-8")
         except OSError as err:
             raise ConfigError(f"cannot read {path}: {err.strerror or err}") from err
-        data = _yaml().load(self._original)
+        try:
+            data = _yaml().load(named_stream(self._original, path))
+        except YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
         self.data: CommentedMap = data if data is not None else CommentedMap()
         if not isinstance(self.data, CommentedMap):
             raise ConfigError(f"{path} must hold a mapping at the top level")

@@ -62,12 +62,12 @@ def write_temp(folder: Path, name: str, write: Callable[[IO[bytes]], object]) ->
     return tmp
 
 
-def replace_text(path: Path, text: str) -> None:
+def replace_text(path: Path, text: str, new_mode: int = 0o644) -> None:
     """Replace ``path`` with ``text`` so that readers see the old or the new file, never a mix.
 
-    The file keeps its permission bits (0644 for a new file); the folder is fsync'ed.
+    The file keeps its permission bits (``new_mode`` for a new file); the folder is fsync'ed.
     """
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    mode = path.stat().st_mode & 0o777 if path.exists() else new_mode
     tmp = write_temp(path.parent, path.name, lambda handle: handle.write(text.encode("utf-8")))
     try:
         os.chmod(tmp, mode)

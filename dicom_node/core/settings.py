@@ -12,6 +12,7 @@ a list.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import os
 import re
@@ -186,11 +187,31 @@ class Destination(_Model):
     tls: TLSSettings | None = None
 
 
+_GB = 1 << 30
+
+
 class StorageSettings(_Model):
-    """Folders for received instances (spool) and results waiting for delivery (outbox)."""
+    """Folders for received instances (spool) and results waiting for delivery (outbox), the
+    free-space floor, and how long delivered studies are kept."""
 
     spool_dir: Path = Path("var/spool")
     outbox_dir: Path = Path("var/outbox")
+    min_free_bytes: int = Field(
+        _GB,
+        ge=0,
+        description="below this many free bytes on the spool's file system every C-STORE is "
+        "answered 0xA700 (Refused: Out of resources) and /healthz fails; 0: no floor",
+    )
+    retention: float | None = Field(
+        30.0,
+        gt=0,
+        description="days after which a delivered study's spool and outbox files are removed "
+        "(by the node every prune_interval, or by `coronet storage prune`); null: keep them. "
+        "Dead letters and undelivered studies are never removed automatically",
+    )
+    prune_interval: float = Field(
+        3600.0, ge=1, le=7 * 86400, description="seconds between two prune runs of the node"
+    )
 
 
 class BrokerSettings(_Model):
@@ -285,6 +306,101 @@ class ResultSettings(_Model):
     )
 
 
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminSettings(_Model):
+    """The admin HTTP service of ``coronet node serve``: console, REST API, health, metrics.
+
+    It listens on loopback by default.  Any other address needs ``tls`` (HTTPS) unless
+    ``allow_plain_http`` says that plain HTTP is wanted (e.g. behind a TLS proxy).
+    """
+
+    enabled: bool = True
+    host: Host = "127.0.0.1"
+    port: Port = 8480
+    tls: TLSSettings | None = Field(
+        None, description="HTTPS: cert_file and key_file (PEM) of the service"
+    )
+    allow_plain_http: bool = Field(
+        False, description="allow plain HTTP on a non-loopback address (behind a TLS proxy)"
+    )
+    users_file: Path = Field(
+        Path("var/admin/users"), description="NAME:argon2-hash lines; `coronet admin user add`"
+    )
+    secret_file: Path = Field(
+        Path("var/admin/secret"),
+        description="key that signs console sessions; made at the first start (mode 0600)",
+    )
+    session_minutes: float = Field(480.0, gt=0, le=7 * 24 * 60)
+    worker_timeout: float = Field(
+        300.0,
+        ge=0,
+        description="/healthz fails when no worker was seen for this many seconds; 0: no check",
+    )
+    show_patient_name: bool = Field(
+        False, description="show Patient's Name in the study list (default: never)"
+    )
+    recent_studies: int = Field(100, ge=1, le=10_000, description="studies listed, newest first")
+
+    @model_validator(mode="after")
+    def _safe_binding(self) -> AdminSettings:
+        if self.tls is not None and (self.tls.cert_file is None or self.tls.key_file is None):
+            raise ValueError("admin.tls needs cert_file and key_file")
+        if self.tls is None and not self.allow_plain_http and not is_loopback(self.host):
+            raise ValueError(
+                f"admin.host {self.host} is not a loopback address: set admin.tls "
+                "(cert_file, key_file), or admin.allow_plain_http: true"
+            )
+        return self
+
+
+class SyslogSettings(_Model):
+    """An audit record repository reached by syslog (RFC 5424) over UDP (RFC 5426) or TLS
+    (RFC 5425)."""
+
+    host: Host
+    port: Port = 514
+    transport: Literal["udp", "tls"] = "udp"
+    tls: TLSSettings | None = Field(
+        None,
+        description="with transport tls: ca_file verifies the repository, cert_file/"
+        "key_file identify us",
+    )
+
+
+class AuditSettings(_Model):
+    """The audit trail: DICOM audit messages (PS3.15 A.5, RFC 3881 XML), one per event."""
+
+    sink: Literal["off", "file", "syslog"] = "file"
+    file: Path = Field(
+        Path("var/audit/audit.log"), description="with sink file: one message per line"
+    )
+    syslog: SyslogSettings | None = None
+    source_id: str | None = Field(
+        None,
+        max_length=64,
+        description="AuditSourceID of our messages (default: our AE title @ the host name)",
+    )
+    enterprise_site_id: str | None = Field(None, max_length=64)
+
+    @model_validator(mode="after")
+    def _sink_configured(self) -> AuditSettings:
+        if self.sink == "syslog" and self.syslog is None:
+            raise ValueError("audit.sink syslog needs audit.syslog {host, port, transport}")
+        return self
+
+
 class Settings(_Model):
     """The whole configuration file.  Its top-level keys are a contract for admins and docs."""
 
@@ -297,6 +413,8 @@ class Settings(_Model):
     selection: SelectionRules = SelectionRules()
     grouping: GroupingSettings = GroupingSettings()
     results: ResultSettings = ResultSettings()
+    admin: AdminSettings = AdminSettings()
+    audit: AuditSettings = AuditSettings()
 
     @field_validator("callers")
     @classmethod
@@ -389,6 +507,13 @@ def _list_index(items: list[Any], part: str, path: Sequence[str]) -> int:
     return int(part)
 
 
+def named_stream(text: str, path: Path) -> io.StringIO:
+    """``text`` as a stream that YAML error messages name as ``path``, not ``<unicode string>``."""
+    stream = io.StringIO(text)
+    stream.name = str(path)
+    return stream
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a configuration file into plain data; an empty file is an empty mapping."""
     try:
@@ -396,7 +521,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror or err}") from err
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(named_stream(text, path))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if data is None:

@@ -4,13 +4,20 @@ On-disk format (version 1)::
 
     <spool_dir>/
       <study_key>/                 one folder per study
-        study.json                 {"format": 1, "study_uid": "<Study Instance UID>"}
+        study.json                 {"format": 1, "study_uid": "<Study Instance UID>", and from the
+                                    first instance received (optional, for the admin console):
+                                    "accession_number", "study_date", "modality",
+                                    "patient_id", "patient_name"}
         <instance_key>.dcm         the instance as received, DICOM File Format (PS3.10)
         <instance_key>.json        {"format": 1, "sop_instance_uid", "sop_class_uid",
                                     "selected", "reason", "bytes", "received"}
         queued/<instance_key>      empty marker: a task covering the instance was published
         done/<instance_key>        empty marker: a worker finished the instance
         .<name>.<random>.tmp       a write in progress (removed by ``remove_temporary``)
+
+Removal: :meth:`Spool.remove_study` deletes a study's folder (``coronet storage prune`` and the
+node's retention job, for delivered studies only); :meth:`Spool.unmark_done` makes instances
+pending again (a retry from the admin console).
 
 Keys are the first 32 hex digits of the SHA-256 of the UID, so no file name is ever built from
 peer data; the UIDs are kept as data in the JSON files.
@@ -40,10 +47,10 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import pydicom
 from pydicom.dataset import FileDataset
@@ -113,6 +120,17 @@ class InstanceRecord:
     bytes: int
     queued: bool
     done: bool
+    received: float | None = None
+
+
+#: The header fields kept in ``study.json`` (see the module docstring), by keyword.
+STUDY_INFO_FIELDS: Final = {
+    "accession_number": "AccessionNumber",
+    "study_date": "StudyDate",
+    "modality": "Modality",
+    "patient_id": "PatientID",
+    "patient_name": "PatientName",
+}
 
 
 class Spool:
@@ -147,18 +165,20 @@ class Spool:
         selected: bool = True,
         reason: str = "",
         move: bool = False,
+        study_info: Mapping[str, str] | None = None,
     ) -> StoredInstance:
         """Persist one instance durably; raise IngestError if it cannot be written.
 
         ``source`` is a file in the DICOM File Format, as a path or a binary stream.  With
         ``move=True`` a path is renamed into the spool (copied if it is on another file system)
-        instead of copied, so the source file is gone afterwards.
+        instead of copied, so the source file is gone afterwards.  ``study_info`` (keys of
+        :data:`STUDY_INFO_FIELDS`) is kept with a new study.
         """
         study_key, instance_key = key_for(study_uid), key_for(sop_instance_uid)
         folder = self.root / study_key
         final = folder / f"{instance_key}.dcm"
         try:
-            self._ensure_study(folder, study_uid)
+            self._ensure_study(folder, study_uid, study_info or {})
             if final.exists():
                 return self._duplicate(folder, final, study_key, instance_key, source, move)
             tmp = self._receive(source, folder, instance_key, move)
@@ -188,12 +208,13 @@ class Spool:
         logger.debug("stored instance %s/%s (%d bytes)", study_key, instance_key, size)
         return StoredInstance(study_key, instance_key, final, False, size)
 
-    def _ensure_study(self, folder: Path, study_uid: str) -> None:
+    def _ensure_study(self, folder: Path, study_uid: str, info: Mapping[str, str]) -> None:
         study_file = folder / _STUDY_FILE
         if study_file.exists():
             return
         folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(study_file, {"format": FORMAT_VERSION, "study_uid": study_uid})
+        extra = {k: str(v) for k, v in info.items() if k in STUDY_INFO_FIELDS}
+        write_json_atomic(study_file, {"format": FORMAT_VERSION, "study_uid": study_uid, **extra})
         fsync_dir(folder)
         fsync_dir(folder.parent)
 
@@ -259,6 +280,28 @@ class Spool:
         except OSError as err:
             raise IngestError(f"cannot record task state in the spool: {err}") from err
 
+    def unmark_done(self, study_key: str, instance_keys: Iterable[str]) -> None:
+        """Make finished instances pending again (they will be queued and processed again)."""
+        folder = self._study_dir(study_key) / _DONE
+        try:
+            for key in [check_key(k) for k in instance_keys]:
+                (folder / key).unlink(missing_ok=True)
+            if folder.exists():
+                fsync_dir(folder)
+        except OSError as err:
+            raise IngestError(f"cannot record task state in the spool: {err}") from err
+
+    def remove_study(self, study_key: str) -> int:
+        """Delete a study's folder; return the bytes freed."""
+        folder = self._study_dir(study_key)
+        freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        try:
+            shutil.rmtree(folder)
+            fsync_dir(self.root)
+        except OSError as err:
+            raise IngestError(f"cannot remove study {study_key}: {err}") from err
+        return freed
+
     def remove_temporary(self) -> int:
         """Delete leftovers of interrupted writes; return how many were removed."""
         removed = 0
@@ -292,6 +335,18 @@ class Spool:
         if data is None or not isinstance(data.get("study_uid"), str):
             raise IngestError(f"study {study_key} has no readable {_STUDY_FILE}")
         return str(data["study_uid"])
+
+    def study_created(self, study_key: str) -> float:
+        """When the study's first instance was stored (Unix time)."""
+        try:
+            return (self._study_dir(study_key) / _STUDY_FILE).stat().st_mtime
+        except OSError as err:
+            raise IngestError(f"study {study_key} has no readable {_STUDY_FILE}") from err
+
+    def study_info(self, study_key: str) -> dict[str, str]:
+        """The header fields kept for a study (see the module docstring); may be empty."""
+        data = read_json(self._study_dir(study_key) / _STUDY_FILE, "spool metadata") or {}
+        return {k: str(data[k]) for k in STUDY_INFO_FIELDS if data.get(k) is not None}
 
     def _markers(self, folder: Path, kind: str) -> set[str]:
         try:
@@ -327,6 +382,7 @@ class Spool:
                 bytes=int(meta.get("bytes", 0)),
                 queued=key in queued,
                 done=key in done,
+                received=_float_or_none(meta.get("received")),
             )
             if record.selected or not selected_only:
                 records.append(record)
@@ -373,3 +429,10 @@ class Spool:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.study_keys())
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -26,6 +26,8 @@ class Rejection:
     source: int
     reason: int
     why: str
+    label: str = "other"
+    """Short reason for metrics: called_ae, calling_ae, caller_host, limit, internal."""
 
 
 def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -61,6 +63,7 @@ def check_association(
             statuses.SOURCE_SERVICE_USER,
             statuses.REASON_CALLED_AE_NOT_RECOGNISED,
             f"called AE title {called_ae.strip()!r} is not ours",
+            "called_ae",
         )
     caller = settings.caller(calling_ae)
     if caller is None:
@@ -69,6 +72,7 @@ def check_association(
             statuses.SOURCE_SERVICE_USER,
             statuses.REASON_CALLING_AE_NOT_RECOGNISED,
             f"calling AE title {calling_ae.strip()!r} is not an allowed caller",
+            "calling_ae",
         )
     if caller.host is not None:
         peer = _normalise(peer_address)
@@ -78,5 +82,6 @@ def check_association(
                 statuses.SOURCE_SERVICE_USER,
                 statuses.REASON_CALLING_AE_NOT_RECOGNISED,
                 f"caller {caller.ae_title!r} is allowed from {caller.host}, not {peer_address}",
+                "caller_host",
             )
     return None

@@ -1,5 +1,7 @@
 """pynetdicom event handlers of the node, each small and with its dependencies bound explicitly
-(``(evt.EVT_C_STORE, handle_store, [ingest, log])``), and the per-association log.
+(``(evt.EVT_C_STORE, handle_store, [ingest, log])``), and the per-association log, which also
+feeds the node's metrics (:mod:`dicom_node.scp.metrics`) and audit messages
+(:mod:`dicom_node.scp.auditing`).
 
 A handler never lets an exception escape: an error while storing becomes a failure status, an
 error while checking an association request a rejection (fail closed).
@@ -20,7 +22,9 @@ from pynetdicom.events import Event
 from dicom_node.core import statuses
 from dicom_node.core.settings import Settings
 from dicom_node.scp.access import Rejection, check_association
+from dicom_node.scp.auditing import AssociationAudit, StudyTally
 from dicom_node.scp.ingest import Ingest, StoreOutcome
+from dicom_node.scp.metrics import NodeMetrics
 from dicom_node.scp.tempfiles import TempFiles
 
 logger = logging.getLogger(__name__)
@@ -36,14 +40,30 @@ class _Counts:
     failed: int = 0
     bytes: int = 0
     failures: dict[int, int] = field(default_factory=dict)
+    studies: dict[str, StudyTally] = field(default_factory=dict)
 
 
 class AssociationLog:
-    """Per-association counters, summarised at INFO when the association ends."""
+    """Per-association counters, summarised at INFO when the association ends; the metrics
+    and the audit messages of associations and stores."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, metrics: NodeMetrics | None = None, audit: AssociationAudit | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self._counts: weakref.WeakKeyDictionary[Any, _Counts] = weakref.WeakKeyDictionary()
+        self.metrics = metrics or NodeMetrics()
+        self.audit = audit
+
+    def accepted(self, assoc: Any) -> None:
+        self.metrics.accepted()
+        if self.audit is not None:
+            self.audit.accepted(assoc.requestor.ae_title.strip(), assoc.requestor.address)
+
+    def rejected(self, assoc: Any, rejection: Rejection, calling_ae: str) -> None:
+        self.metrics.rejected(rejection.label)
+        if self.audit is not None:
+            self.audit.rejected(calling_ae.strip(), assoc.requestor.address, rejection.why)
 
     def _get(self, assoc: Any) -> _Counts:
         counts = self._counts.get(assoc)
@@ -53,8 +73,17 @@ class AssociationLog:
         return counts
 
     def record(self, assoc: Any, outcome: StoreOutcome) -> None:
+        stored = outcome.stored
+        self.metrics.stored(
+            outcome.status,
+            stored is not None and stored.duplicate,
+            stored.bytes if stored is not None else 0,
+        )
         with self._lock:
             counts = self._get(assoc)
+            if outcome.status == statuses.SUCCESS and outcome.study_uid is not None:
+                tally = counts.studies.setdefault(outcome.study_uid, StudyTally())
+                tally.add(outcome.sop_class_uid, outcome.patient_id)
             if outcome.status != statuses.SUCCESS:
                 counts.failed += 1
                 counts.failures[outcome.status] = counts.failures.get(outcome.status, 0) + 1
@@ -87,13 +116,18 @@ class AssociationLog:
             f" [{failures}]" if failures else "",
             counts.bytes / 1e6,
         )
+        if self.audit is not None:
+            self.audit.ended(counts.caller, counts.address, how, counts.studies)
 
 
 # --------------------------------------------------------------------------- handlers
 
 
 def handle_requested(
-    event: Event, current_settings: Callable[[], Settings], established: Callable[[], int]
+    event: Event,
+    current_settings: Callable[[], Settings],
+    established: Callable[[], int],
+    log: AssociationLog,
 ) -> None:
     """EVT_REQUESTED: reject unknown callers, wrong called AE titles, and any caller once
     ``node.max_associations`` associations are established (PS3.8 9.3.4).
@@ -102,9 +136,11 @@ def handle_requested(
     """
     assoc = event.assoc
     request = assoc.requestor.primitive
+    calling_ae = ""
     try:
         assert request is not None
         settings = current_settings()
+        calling_ae = str(request.calling_ae_title)
         rejection = check_association(
             settings,
             str(request.calling_ae_title),
@@ -117,6 +153,7 @@ def handle_requested(
                 statuses.SOURCE_SERVICE_PROVIDER_PRESENTATION,
                 statuses.REASON_LOCAL_LIMIT_EXCEEDED,
                 f"{settings.node.max_associations} associations are open (node.max_associations)",
+                "limit",
             )
     except Exception:  # fail closed: a bug here must not let a caller in
         logger.exception("cannot check an association request; rejecting it")
@@ -125,10 +162,12 @@ def handle_requested(
             statuses.SOURCE_SERVICE_USER,
             statuses.REASON_NO_REASON,
             "internal error while checking the request",
+            "internal",
         )
     if rejection is None:
         return
     logger.warning("rejected association from %s: %s", assoc.requestor.address, rejection.why)
+    log.rejected(assoc, rejection, calling_ae)
     assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
     assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the peer closed (PS3.8 9.1.4)
 
@@ -175,6 +214,11 @@ def handle_connection_open(event: Event, temp_files: TempFiles) -> None:
 def handle_connection_close(event: Event, temp_files: TempFiles) -> None:
     """EVT_CONN_CLOSE: remove what an aborted store left behind."""
     temp_files.release(event.assoc)
+
+
+def handle_accepted(event: Event, log: AssociationLog) -> None:
+    """EVT_ACCEPTED: the A-ASSOCIATE-AC is out."""
+    log.accepted(event.assoc)
 
 
 def handle_released(event: Event, log: AssociationLog) -> None:

@@ -4,6 +4,8 @@ Only the header (everything before Pixel Data) of the received file is decoded, 
 limits of :mod:`dicom_node.scp.header`.  The answer is Success only once the instance is on
 disk (:meth:`dicom_node.core.spool.Spool.store`).  Refused, with nothing stored:
 
+* anything while the spool's file system has less than ``storage.min_free_bytes`` free
+  (0xA700), so the disk never fills up to the point where a write fails half-way;
 * a data set that pynetdicom could not write to disk (0xA700, e.g. a full disk);
 * a UID that breaks PS3.5 9.1: the Affected SOP Instance UID (0x0117), the SOP Class or Study
   Instance UID (0xC220);
@@ -14,6 +16,7 @@ disk (:meth:`dicom_node.core.spool.Spool.store`).  Refused, with nothing stored:
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from pydicom.dataset import Dataset
 from dicom_node.core import statuses
 from dicom_node.core.errors import IngestError
 from dicom_node.core.settings import SelectionRules
-from dicom_node.core.spool import Spool, StoredInstance
+from dicom_node.core.spool import STUDY_INFO_FIELDS, Spool, StoredInstance
 from dicom_node.core.uids import is_conformant_uid, strip_padding
 from dicom_node.scp.header import HeaderLimits, TooLargeError, UndecodableError, read_header
 from dicom_node.scp.queueing import StudyQueue
@@ -40,6 +43,9 @@ class StoreOutcome:
     stored: StoredInstance | None = None
     decision: Decision | None = None
     problem: str = ""
+    study_uid: str | None = None
+    patient_id: str | None = None
+    sop_class_uid: str | None = None
 
 
 class Ingest:
@@ -52,18 +58,42 @@ class Ingest:
         rules: SelectionRules,
         limits: HeaderLimits,
         temp_files: TempFiles,
+        min_free_bytes: int = 0,
     ) -> None:
         self.spool = spool
         self.queue = queue
         self.rules = rules
         self.limits = limits
         self.temp_files = temp_files
+        self.min_free_bytes = min_free_bytes
+
+    def free_bytes(self) -> int:
+        """Free bytes on the spool's file system (for unprivileged users)."""
+        return shutil.disk_usage(self.spool.root).free
+
+    def below_floor(self) -> str | None:
+        """Why the spool may not take data now (``storage.min_free_bytes``), or None."""
+        if self.min_free_bytes <= 0:
+            return None
+        try:
+            free = self.free_bytes()
+        except OSError as err:
+            return f"cannot measure the free space of the spool: {err.strerror or err}"
+        if free < self.min_free_bytes:
+            return (
+                f"the spool's disk has {free} bytes free, less than storage.min_free_bytes "
+                f"({self.min_free_bytes})"
+            )
+        return None
 
     def receive(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> StoreOutcome:
         """Store the received file at ``path`` (it is moved into the spool)."""
         failure = self.temp_files.failure(path)
         if failure is not None:
             return StoreOutcome(statuses.OUT_OF_RESOURCES, problem=failure)
+        full = self.below_floor()
+        if full is not None:
+            return StoreOutcome(statuses.OUT_OF_RESOURCES, problem=full)
         if not is_conformant_uid(sop_instance_uid):
             return StoreOutcome(
                 statuses.INVALID_SOP_INSTANCE,
@@ -85,21 +115,49 @@ class Ingest:
         if mismatch:
             return StoreOutcome(status, problem=mismatch)
         decision = select(header, self.rules)
+        study_uid = strip_padding(str(header.StudyInstanceUID))
         try:
             stored = self.spool.store(
                 path,
                 strip_padding(sop_instance_uid),
-                strip_padding(str(header.StudyInstanceUID)),
+                study_uid,
                 sop_class_uid=strip_padding(sop_class_uid),
                 selected=decision.selected,
                 reason=decision.reason,
                 move=True,
+                study_info=study_info(header),
             )
         except IngestError as err:
             return StoreOutcome(statuses.OUT_OF_RESOURCES, problem=str(err))
         if not stored.duplicate and decision.selected:
             self.queue.notify(stored.study_key, stored.instance_key)
-        return StoreOutcome(statuses.SUCCESS, stored, decision)
+        return StoreOutcome(
+            statuses.SUCCESS,
+            stored,
+            decision,
+            study_uid=study_uid,
+            patient_id=_text(header, "PatientID"),
+            sop_class_uid=strip_padding(sop_class_uid),
+        )
+
+
+def _text(header: Dataset, keyword: str) -> str | None:
+    try:
+        value = header.get(keyword)
+    except Exception:  # a malformed value of a field we only display
+        return None
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def study_info(header: Dataset) -> dict[str, str]:
+    """The header fields the spool keeps with a new study, for the admin console."""
+    info = {}
+    for field, keyword in STUDY_INFO_FIELDS.items():
+        value = _text(header, keyword)
+        if value is not None:
+            info[field] = value[:128]
+    return info
 
 
 def _mismatch(header: Dataset, sop_class_uid: str, sop_instance_uid: str) -> tuple[int, str]:

@@ -9,17 +9,22 @@ file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and only their header is dec
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from pynetdicom import AE, _config, evt
 
+from dicom_node.core import audit
+from dicom_node.core.audit_trail import AuditTrail
 from dicom_node.core.errors import ConfigError
 from dicom_node.core.settings import NodeSettings, Settings
 from dicom_node.core.spool import Spool
 from dicom_node.core.tls import server_context
+from dicom_node.scp.auditing import AssociationAudit
 from dicom_node.scp.contexts import MAX_PDU_SIZE, build_contexts
 from dicom_node.scp.guard import (
     GuardedServer,
@@ -31,6 +36,7 @@ from dicom_node.scp.guard import (
 from dicom_node.scp.handlers import (
     AssociationLog,
     handle_aborted,
+    handle_accepted,
     handle_connection_close,
     handle_connection_open,
     handle_released,
@@ -39,6 +45,7 @@ from dicom_node.scp.handlers import (
 )
 from dicom_node.scp.header import HeaderLimits
 from dicom_node.scp.ingest import Ingest
+from dicom_node.scp.metrics import NodeMetrics
 from dicom_node.scp.queueing import CeleryQueue, StudyQueue
 from dicom_node.scp.tempfiles import TempFiles
 from dicom_node.scp.tempfiles import install as install_temp_files
@@ -53,6 +60,14 @@ def _pending_limits(node: NodeSettings) -> PendingLimits:
     return PendingLimits(node.limits.max_pending_per_peer, node.limits.max_pending_connections)
 
 
+def launcher() -> str:
+    """The operating-system user running this process (the audit's Application Launcher)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
 def _listen_key(node: NodeSettings) -> tuple[object, ...]:
     return (node.host, node.port, node.tls)
 
@@ -61,10 +76,20 @@ class DicomNode:
     """The Storage and Verification SCP: ``start()``, ``reload(settings)``, ``stop()``.
 
     ``start()`` also starts the study queue (with recovery of pending spooled studies) and
-    ``stop()`` stops it.
+    ``stop()`` stops it.  ``metrics`` counts associations and instances (a fresh registry by
+    default); ``audit`` records associations, stored instances, start and stop (none by
+    default).
     """
 
-    def __init__(self, settings: Settings, spool: Spool, queue: StudyQueue) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        queue: StudyQueue,
+        *,
+        metrics: NodeMetrics | None = None,
+        audit_trail: AuditTrail | None = None,
+    ) -> None:
         self._settings = settings
         self.spool = spool
         self.queue = queue
@@ -75,23 +100,37 @@ class DicomNode:
             settings.selection,
             HeaderLimits.from_settings(settings.node.limits),
             self.temp_files,
+            settings.storage.min_free_bytes,
         )
-        self.log = AssociationLog()
+        self.metrics = metrics or NodeMetrics()
+        self.metrics.watch_queue(lambda: self.queue.published)
+        self.audit_trail = audit_trail or AuditTrail(None, audit.AuditSource("-"))
+        self.log = AssociationLog(
+            self.metrics, AssociationAudit(self.audit_trail, lambda: self.settings.node.ae_title)
+        )
         self.ae = AE(ae_title=settings.node.ae_title)
         self.ae.maximum_pdu_size = MAX_PDU_SIZE
         self._server: GuardedServer | None = None
         self._apply_limits(settings.node)
         self._stopped = threading.Event()
+        self._stopped.set()  # not started
         self._reload_lock = threading.Lock()
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
 
     @classmethod
-    def from_settings(cls, settings: Settings, **queue_options: float) -> DicomNode:
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        metrics: NodeMetrics | None = None,
+        audit_trail: AuditTrail | None = None,
+        **queue_options: float,
+    ) -> DicomNode:
         """Build the spool, the Celery producer and the study queue from ``settings``."""
         spool = Spool(settings.storage.spool_dir)
         publisher = CeleryQueue.from_settings(settings.broker)
         queue = StudyQueue(spool, publisher, settings.grouping, **queue_options)
-        return cls(settings, spool, queue)
+        return cls(settings, spool, queue, metrics=metrics, audit_trail=audit_trail)
 
     @property
     def settings(self) -> Settings:
@@ -120,6 +159,11 @@ class DicomNode:
             self._server.stream_limits = StreamLimits.from_settings(node, MAX_PDU_SIZE)
             self._server.pending_limits = _pending_limits(node)
 
+    @property
+    def listening(self) -> bool:
+        """Whether the DICOM listener is up."""
+        return self._server is not None and not self._stopped.is_set()
+
     def established(self) -> int:
         """Associations established with the current listener."""
         server = self._server
@@ -131,7 +175,12 @@ class DicomNode:
         return [
             (evt.EVT_CONN_OPEN, handle_connection_open, [self.temp_files]),
             (evt.EVT_CONN_CLOSE, handle_connection_close, [self.temp_files]),
-            (evt.EVT_REQUESTED, handle_requested, [lambda: self.settings, self.established]),
+            (
+                evt.EVT_REQUESTED,
+                handle_requested,
+                [lambda: self.settings, self.established, self.log],
+            ),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.log]),
             (evt.EVT_C_STORE, handle_store, [self.ingest, self.log]),
             (evt.EVT_RELEASED, handle_released, [self.log]),
             (evt.EVT_ABORTED, handle_aborted, [self.log]),
@@ -182,6 +231,9 @@ class DicomNode:
             _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
             raise
         node = self._settings.node
+        self.audit_trail.record(
+            audit.application_activity(True, node.ae_title, launcher(), node.host)
+        )
         logger.info(
             "%s listening on %s:%d (%s)",
             node.ae_title,
@@ -202,7 +254,13 @@ class DicomNode:
                 assoc.abort()
             self.queue.stop()
             _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
+            was_running = not self._stopped.is_set()
             self._stopped.set()
+        if was_running:
+            node = self._settings.node
+            self.audit_trail.record(
+                audit.application_activity(False, node.ae_title, launcher(), node.host)
+            )
         logger.info("stopped")
 
     def reload(self, settings: Settings) -> None:
@@ -226,6 +284,7 @@ class DicomNode:
             self.ae.ae_title = settings.node.ae_title
             self._apply_limits(settings.node)
             self.ingest.rules = settings.selection
+            self.ingest.min_free_bytes = settings.storage.min_free_bytes
             publisher = None
             if settings.broker != old.broker:
                 publisher = CeleryQueue.from_settings(settings.broker)

@@ -146,6 +146,12 @@ class StudyQueue:
 
     # ------------------------------------------------------------------ producers
 
+    def schedule(self, study_key: str) -> None:
+        """Publish the study's pending instances now (a retry from the admin console)."""
+        with self._cond:
+            self._studies[study_key] = time.monotonic()
+            self._cond.notify_all()
+
     def notify(self, study_key: str, instance_key: str) -> None:
         """A selected instance was stored; never blocks on the broker."""
         with self._cond:

@@ -81,10 +81,20 @@ class Plan:
     orthanc_aet: str | None
     orthanc_dicom_port: int | None
     orthanc_http_port: int | None
+    admin_port: int | None = None
 
     @property
     def broker_url(self) -> str:
         return f"redis://{LOOPBACK}:{self.redis_port}/0"
+
+    @property
+    def admin_url(self) -> str | None:
+        """The admin console's address, when the node serves one."""
+        admin = self.settings.admin
+        if not admin.enabled or self.admin_port is None:
+            return None
+        host = LOOPBACK if admin.host in ("0.0.0.0", "::") else admin.host
+        return f"{'https' if admin.tls else 'http'}://{host}:{self.admin_port}/"
 
     @property
     def orthanc_web(self) -> str | None:
@@ -131,12 +141,17 @@ def make_plan(options: RunOptions) -> Plan:
         http_port = _pick_port(PREFERRED_ORTHANC_PORTS[1], taken)
     broker_url = f"redis://{LOOPBACK}:{redis_port}/0"
     orthanc = (orthanc_aet, dicom_port) if orthanc_aet and dicom_port else None
+    admin_port = _pick_port(settings.admin.port, taken) if settings.admin.enabled else None
     data = effective_data(settings, broker_url, orthanc)
+    if admin_port is not None:
+        data["admin"]["port"] = admin_port
     config_path = var_dir / "run" / "coronet.yaml"
     effective = settings_from_data(data, str(config_path))
     header = f"# Written by `coronet run` from {options.config}; edit that file instead.\n"
     config_path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return Plan(effective, config_path, var_dir, redis_port, orthanc_aet, dicom_port, http_port)
+    return Plan(
+        effective, config_path, var_dir, redis_port, orthanc_aet, dicom_port, http_port, admin_port
+    )
 
 
 def orthanc_configuration(plan: Plan, lua: Path) -> dict[str, Any]:

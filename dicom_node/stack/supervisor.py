@@ -195,6 +195,8 @@ class Supervisor:
             "node": {"aet": node.ae_title, "host": node.host, "port": node.port},
             "worker": self.worker_name,
         }
+        if plan.admin_url is not None:
+            state["admin"] = {"url": plan.admin_url, "port": plan.admin_port}
         if plan.orthanc_aet is not None:
             state["orthanc"] = {
                 "aet": plan.orthanc_aet,
@@ -237,6 +239,13 @@ def summary(plan: Plan, worker_args: Sequence[str]) -> str:
         f"{' '.join(worker_args)}",
         f"  broker     {plan.broker_url} (append-only data in {plan.var_dir / 'redis'})",
     ]
+    if plan.admin_url is not None:
+        lines += [
+            f"  admin      console {plan.admin_url}  (health: {plan.admin_url}healthz, "
+            f"metrics: {plan.admin_url}metrics)",
+            f"             log in as a user of {settings.admin.users_file}: "
+            "coronet admin user add NAME",
+        ]
     if plan.orthanc_aet is not None:
         lines += [
             f"  demo PACS  Orthanc {plan.orthanc_aet} on {LOOPBACK}:{plan.orthanc_dicom_port}, "

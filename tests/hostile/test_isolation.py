@@ -24,6 +24,7 @@ from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, 
 
 import monai_bundle
 from dicom_node.cli import main
+from dicom_node.core.outbox import Outbox
 from dicom_node.core.settings import Settings
 from dicom_node.core.spool import Spool, StoredInstance, key_for
 from dicom_node.core.task import TASK_NAME
@@ -45,7 +46,6 @@ from worker.delivery import Sender
 from worker.engine import Engine, load_engine
 from worker.locks import InstanceCounters, InstanceLocks
 from worker.options import WorkerOptions
-from worker.outbox import Outbox
 from worker.pipeline import process_dataset
 from worker.processor import Analyse, AnalysisResult, StudyProcessor, StudyReport
 from worker.results.sr import SRSummary, read_sr

@@ -136,7 +136,12 @@ def test_a_full_disk_answers_out_of_resources_and_the_node_lives_on(
     data = hostile_config(
         tmp_path,
         redis.url,
-        storage={"spool_dir": str(small_disk / "spool"), "outbox_dir": str(tmp_path / "out")},
+        # No free-space floor: this is the last wall, a write that fails on a full disk.
+        storage={
+            "spool_dir": str(small_disk / "spool"),
+            "outbox_dir": str(tmp_path / "out"),
+            "min_free_bytes": 0,
+        },
     )
     copies = [tmp_path / "in" / f"{n}.dcm" for n in range(5)]
     for path in copies:

@@ -31,6 +31,7 @@ from pydicom.uid import (
 
 import monai_bundle
 from dicom_node.cli import main
+from dicom_node.core.outbox import Outbox
 from dicom_node.core.spool import Spool, key_for
 from dicom_node.core.statuses import SUCCESS
 from tests.support.dicom_data import RG1_UNCR, make_instance
@@ -51,7 +52,6 @@ from tests.support.processes import ChildProcess
 from tests.support.redis_server import RedisServer
 from tests.support.settings import node_data, write_config
 from tests.support.storescp import StoreSCP, running_storescp
-from worker.outbox import Outbox
 from worker.results.sr import read_sr
 
 pytestmark = [

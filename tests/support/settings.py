@@ -30,6 +30,12 @@ def node_data(tmp_path: Path, broker_url: str, **sections: Any) -> dict[str, Any
         "storage": {"spool_dir": str(tmp_path / "spool"), "outbox_dir": str(tmp_path / "out")},
         "broker": {"url": broker_url, "queue": "coronet"},
         "grouping": {"mode": "study", "quiet_seconds": 0.1},
+        "admin": {
+            "port": free_port(),
+            "users_file": str(tmp_path / "admin" / "users"),
+            "secret_file": str(tmp_path / "admin" / "secret"),
+        },
+        "audit": {"sink": "file", "file": str(tmp_path / "audit" / "audit.log")},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -1,5 +1,6 @@
 """The durable outbox store: results waiting for delivery, delivery state per destination, dead
-letters.  Sending is :mod:`worker.rounds`; this module only reads and writes the folder.
+letters.  The worker writes it and sends from it (:mod:`worker.rounds`); the admin console reads it
+and marks dead letters for a retry.  This module only reads and writes the folder.
 
 On-disk format (version 1)::
 
@@ -391,6 +392,87 @@ class Outbox:
             )
         return letters
 
+    # ------------------------------------------------------------------ one study
+
+    def sources_of(self, study_key: str) -> list[SourceRecord]:
+        """The analysed source instances of one study."""
+        folder = self.root / SOURCES / check_key(study_key)
+        records = []
+        for path in sorted(folder.glob("*.json")):
+            record = self.source(study_key, path.stem)
+            if record is not None:
+                records.append(record)
+        return records
+
+    def dead_letter_of(self, key: str, destination: str) -> DeadLetter | None:
+        """Why the result was not delivered to ``destination``, or None."""
+        path = self._dead_path(key, destination)
+        data = read_json(path, "outbox record")
+        if data is None:
+            return None
+        return DeadLetter(
+            key=key,
+            where=destination,
+            status=data.get("status"),
+            reason=str(data.get("reason", "")),
+            at=str(data.get("at", "")),
+        )
+
+    def dead_sources_of(self, study_key: str) -> list[DeadLetter]:
+        """The dead letters of one study's analysis (instances, or the whole study)."""
+        return [
+            letter
+            for letter in self.dead_sources()
+            if letter.key.split("/")[0] == check_key(study_key)
+        ]
+
+    def delivered_at(self, key: str, destination: str) -> float | None:
+        """When the destination stored the result (the marker's time), or None."""
+        try:
+            return self._delivered_path(key, destination).stat().st_mtime
+        except OSError:
+            return None
+
+    def clear_dead_letters(self, study_key: str, destinations: Iterable[str]) -> list[str]:
+        """Make a study's dead letters pending again (a retry); return the instance keys whose
+        results or analysis were dead-lettered (the whole-study letter is ``*``)."""
+        instances: set[str] = set()
+        for record in self.sources_of(study_key):
+            for key in record.results:
+                for name in destinations:
+                    path = self._dead_path(key, name)
+                    if path.exists():
+                        path.unlink()
+                        fsync_dir(path.parent)
+                        instances.add(record.instance_key)
+        folder = self.root / DEAD_LETTER / SOURCES / check_key(study_key)
+        for path in sorted(folder.glob("*.json")):
+            path.unlink()
+            instances.add(path.stem)
+        whole = self._dead_study_path(study_key)
+        if whole.exists():
+            whole.unlink()
+            instances.add(WHOLE_STUDY)
+        return sorted(instances)
+
+    def remove_study(self, study_key: str) -> int:
+        """Delete a study's results, analysis records and delivery markers; return the bytes
+        freed.  Dead letters are left alone (the caller prunes only settled studies)."""
+        freed = 0
+        records = self.sources_of(study_key)
+        for record in records:
+            for key in record.results:
+                for path in (self.result_path(key), self._result_meta(key)):
+                    freed += _unlink(path)
+                for marker in (self.root / DELIVERED).glob(f"*/{check_key(key)}.json"):
+                    freed += _unlink(marker)
+        folder = self.root / SOURCES / check_key(study_key)
+        for path in folder.glob("*.json"):
+            freed += _unlink(path)
+        if folder.is_dir():
+            folder.rmdir()
+        return freed
+
     def is_settled(self, record: SourceRecord, destinations: Iterable[Destination]) -> bool:
         """Every result of ``record`` is delivered or dead-lettered for every destination."""
         names = [d.name for d in destinations]
@@ -403,6 +485,15 @@ class Outbox:
             tmp.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def _unlink(path: Path) -> int:
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 __all__ = [
