@@ -371,9 +371,8 @@ def stack_fixture(
 @pytest.mark.integration
 def test_a_worker_with_no_spool_access_processes_studies(stack: Stack) -> None:
     sent = [_send(stack.folder, stack.port, f"nospool-{i}") for i in range(2)]
-    for ds in sent:
-        uid = str(ds.StudyInstanceUID)
-        wait_until(lambda uid=uid: _srs(stack.pacs, uid), 120, "the study's SR at the PACS")
+    uids = [str(ds.StudyInstanceUID) for ds in sent]
+    wait_until(lambda: all(_srs(stack.pacs, uid) for uid in uids), 120, "the SRs at the PACS")
     wait_until(lambda: not stack.spool.pending_studies(), 30, "the node to hear it is done")
     assert not (stack.folder / "worker-spool").exists() or not any(
         (stack.folder / "worker-spool").iterdir()
