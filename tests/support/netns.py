@@ -16,15 +16,18 @@ everything it made is removed when the ``with`` block ends, even after a failure
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+CLONE_NEWNET = 0x40000000
 SUBNET = "198.18.0"
 PREFIX = 24
 TOOLS = ("ip", "unshare")
@@ -150,4 +153,29 @@ class HostNetwork:
         self.close()
 
 
-__all__ = ["Host", "HostNetwork", "check_can_make_hosts"]
+def _setns(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def entered(host: Host) -> Iterator[None]:
+    """Run this thread, and the threads and processes it starts meanwhile, on ``host``'s
+    network (a benchmark that runs the node's side itself joins the hub this way)."""
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        _setns(f"/var/run/netns/{host.namespace}")
+        try:
+            yield
+        finally:
+            _setns(f"/proc/self/fd/{own}")
+    finally:
+        os.close(own)
+
+
+__all__ = ["Host", "HostNetwork", "check_can_make_hosts", "entered"]
