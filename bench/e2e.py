@@ -11,6 +11,7 @@ counted.
     python -m bench.e2e --n 50                   # pool sizes 1 and 2 on loopback
     python -m bench.e2e --n 30 --hosts 1,2,3     # 1, 2, 3 worker hosts (needs root)
     python -m bench.e2e --n 30 --fetch-overhead  # fetching against reading the spool
+    python -m bench.e2e --n 64 --batch-sizes 1,2,4,8,16   # per-image cost of the engine
 
 ``--hosts``: each worker runs on a host of its own made of Linux namespaces
 (``tests.support.netns``: a network namespace, and a mount namespace in which the node's spool
@@ -20,6 +21,10 @@ hub host, which this process joins.  The run with one host is the reference of t
 ``--fetch-overhead``: one worker process on the node's host, first fetching its instances from
 the node (the default), then reading the spool directly (``fetch.direct_spool``); the worker's
 own per-task timings give the cost of a study in each mode.
+
+``--batch-sizes``: the worker's engine alone (no node): the per-image cost of pre-processing
+and classifying ``--n`` phantoms in batches of each size (``Engine.prepare_many`` and
+``predict_many``, one forward pass per batch), against batches of one, on the CPU.
 
 Prints p50/p95 latency and throughput per run and the scaling ratio against the first run.
 Without ``--threads`` the torch threads of each process are the cores divided by the pool size.
@@ -329,6 +334,48 @@ def print_runs(runs: Sequence[Run], title: str) -> None:
         )
 
 
+def batch_costs(sizes: Sequence[int], n: int, threads: int | None) -> None:
+    """Per-image cost of the engine's batched pre-processing and forward pass (see above)."""
+    import torch  # heavy: only this mode needs the model in this process
+
+    from worker.engine import load_engine
+
+    if threads:
+        torch.set_num_threads(threads)
+    engine = load_engine(BUNDLE, "cpu")
+    pixels = [
+        make_phantom(CLASS_NAMES[i % len(CLASS_NAMES)], size=256, seed=i).image for i in range(n)
+    ]
+    engine.predict_many(engine.prepare_many(pixels[:2]))  # warm-up
+    print()
+    print(
+        f"engine per image, {n} phantoms 256 px -> {engine.image_size} px, CPU, "
+        f"{torch.get_num_threads()} torch threads; median of 3 passes"
+    )
+    print(f"{'batch':>6}  {'prepare ms':>10}  {'forward ms':>10}  {'total ms':>9}  vs batch 1")
+    reference = None
+    for size in sizes:
+        passes = []
+        for _ in range(3):
+            prepare = forward = 0.0
+            for start in range(0, n, size):
+                chunk = pixels[start : start + size]
+                t0 = time.perf_counter()
+                images = engine.prepare_many(chunk)
+                t1 = time.perf_counter()
+                engine.predict_many(images)
+                forward += time.perf_counter() - t1
+                prepare += t1 - t0
+            passes.append((prepare / n, forward / n))
+        prepare, forward = sorted(passes, key=sum)[1]
+        total = prepare + forward
+        reference = reference or total
+        print(
+            f"{size:>6}  {1000 * prepare:>10.2f}  {1000 * forward:>10.2f}  {1000 * total:>9.2f}"
+            f"  {reference / total:.2f}x"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=50, help="studies per run (default 50)")
@@ -339,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--fetch-overhead", action="store_true", help="fetching against reading the spool"
     )
+    parser.add_argument("--batch-sizes", help="engine batch sizes to compare, e.g. 1,2,4,8")
     parser.add_argument("--heatmap", choices=["fast", "full", "off"], default="fast")
     parser.add_argument("--rg1", action="store_true", help="send RG1 copies, not phantoms")
     parser.add_argument(
@@ -348,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (BUNDLE / "models" / "model.pt").is_file():
         raise SystemExit("the bundle's demo weights (monai_bundle/models/model.pt) are missing")
+    if args.batch_sizes:
+        batch_costs([int(b) for b in args.batch_sizes.split(",")], args.n, args.threads)
+        return 0
     source = "RG1 copies" if args.rg1 else "phantoms 256 px"
     setting = (
         f"{args.n} studies in one burst, heatmap {args.heatmap}, {os.cpu_count()} CPU cores, "
