@@ -19,7 +19,8 @@ Delivery guarantees (Redis broker):
   before that, an instance whose analysis started ``max_redeliveries`` times without finishing
   is dead-lettered alone and the rest of its study goes on (:mod:`worker.processor`);
 * a task is retried, with the same backoff, while one of its instances cannot be read from the
-  spool, at most ``max_read_attempts`` times per instance;
+  spool, at most ``max_read_attempts`` times per instance, and while the node cannot be
+  reached to fetch its instances or to hear that they are done (:mod:`worker.sources`);
 * JSON only; one queue (``broker.queue``, or ``--queue``), so GPU and CPU pools can be routed
   to different queues.
 """
@@ -184,18 +185,22 @@ def register_tasks(
         max_retries=options.max_retries,
     )
     def process_study(
-        self: Task[Any, Any], study_key: str, instance_keys: list[str] | None = None
+        self: Task[Any, Any],
+        study_key: str,
+        instance_keys: list[str] | None = None,
+        fetch: str | None = None,
+        spool: str | None = None,
     ) -> None:
-        """Analyse a spooled study and deliver its SR and SC (:mod:`worker.processor`)."""
+        """Analyse a study and deliver its SR and SC (:mod:`worker.processor`)."""
         try:
-            task = StudyTask.from_message(study_key, instance_keys)
+            task = StudyTask.from_message(study_key, instance_keys, fetch, spool)
         except IngestError as err:
             logger.error("malformed task arguments, dropped: %s", err)
             return
         study_key = task.study_key
         task_id = str(self.request.id)
         retries = int(self.request.retries or 0)
-        processor = runtime.processor(analyse, fatal=(SoftTimeLimitExceeded,))
+        processor = runtime.processor(analyse, fatal=(SoftTimeLimitExceeded,), task=task)
         attempt = AttemptCounter(runtime.redis()).count(task_id, retries)
         if attempt > options.max_redeliveries + 1:
             processor.dead_letter_study(
@@ -214,6 +219,15 @@ def register_tasks(
                 study_key,
                 task.instance_keys,
                 f"the task ran longer than its time limit ({options.soft_time_limit:g} s)",
+            )
+            return
+        if report.waiting and final and report.unreachable is not None:
+            logger.error(
+                "study %s: the node stayed unreachable through %d retries (%s); it stays "
+                "pending on the node, which queues it again",
+                study_key,
+                retries,
+                report.unreachable,
             )
             return
         if report.waiting:

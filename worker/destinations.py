@@ -7,7 +7,7 @@ last read (one ``stat``); when they differ it loads the file again with the same
 values and environment as at start, and takes its ``destinations``.  A file that no longer
 validates is logged and the previous list is kept.  Only the destinations are re-read: every
 other setting still needs a restart.  The file is the one source of truth, shared by the node
-and the workers (on other hosts: the same file on shared storage, like the spool).
+and the workers (on other hosts: a copy of the file).
 """
 
 from __future__ import annotations

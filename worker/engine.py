@@ -16,7 +16,7 @@ import hashlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -105,30 +105,61 @@ class Engine:
             raise cause from err
         return torch.as_tensor(data["image"]).to(self.device, torch.float32)
 
+    def prepare_many(self, sources: Sequence[Image2D | Dataset | Path]) -> list[torch.Tensor]:
+        """:meth:`prepare` for each source (MONAI's transforms work image by image)."""
+        return [self.prepare(source) for source in sources]
+
     @torch.no_grad()
-    def predict(self, image: torch.Tensor) -> Prediction:
-        """Class probabilities for one prepared image."""
+    def predict_many(self, images: Sequence[torch.Tensor]) -> list[Prediction]:
+        """Class probabilities for prepared images, in one forward pass of the network (a
+        batch: the network is in eval mode, so each image's result does not depend on the
+        others)."""
+        if not images:
+            return []
         try:
             self.network.eval()
-            logits = self.network(image[None])
-            probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy().astype(np.float64)
+            logits = self.network(torch.stack(list(images)))
+            probs = torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64)
         except RuntimeError as err:
             raise InferenceError(f"the network failed: {err}") from err
+        return [self._prediction(row) for row in probs]
+
+    def _prediction(self, probs: np.ndarray) -> Prediction:
         values = {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
         predicted = self.class_names[int(np.argmax(probs))]
         return Prediction(self.class_names, values, predicted)
 
-    def explain(self, image: torch.Tensor, target: int, preset: str = "fast") -> Explanation:
-        """The meaningful-perturbation heatmap of ``target`` for one prepared image, with the
-        bundle's attribution ``preset`` (``default``: the paper's; ``fast``)."""
+    def predict(self, image: torch.Tensor) -> Prediction:
+        """Class probabilities for one prepared image."""
+        return self.predict_many([image])[0]
+
+    def _preset(self, preset: str) -> PerturbationConfig:
         try:
-            config = self.presets[preset]
+            return self.presets[preset]
         except KeyError:
             raise InferenceError(
                 f"no attribution preset {preset!r}; the bundle has {sorted(self.presets)}"
             ) from None
+
+    def explain(self, image: torch.Tensor, target: int, preset: str = "fast") -> Explanation:
+        """The meaningful-perturbation heatmap of ``target`` for one prepared image, with the
+        bundle's attribution ``preset`` (``default``: the paper's; ``fast``)."""
+        return self.explain_many([image], [target], preset)[0]
+
+    def explain_many(
+        self, images: Sequence[torch.Tensor], targets: Sequence[int], preset: str = "fast"
+    ) -> list[Explanation]:
+        """:meth:`explain` for several images.  The bundle's attribution optimises one image
+        at a time today, so this is a loop; it is the one place to call a batched explainer
+        of the bundle once there is one."""
+        if len(images) != len(targets):
+            raise InferenceError("one target per image")
+        config = self._preset(preset)
         try:
-            return explain(self.network, image, target, config)
+            return [
+                explain(self.network, image, target, config)
+                for image, target in zip(images, targets, strict=True)
+            ]
         except RuntimeError as err:
             raise InferenceError(f"the attribution map failed: {err}") from err
 

@@ -2,16 +2,18 @@
 
 One run of :meth:`StudyProcessor.run`:
 
-1. picks the study's pending instances from the spool (those the node selected as frontal
-   chest images and no worker finished), restricted to ``instance_keys`` when given; a named
-   instance, or a whole study, that the spool does not hold is an error, never a silent no-op;
+1. picks the study's pending instances from its source (:mod:`worker.sources`: the node's
+   spool folder, or the node over the network): those the node selected as frontal chest
+   images and no worker finished, restricted to ``instance_keys`` when given; a named
+   instance, or a whole study, that the node does not hold is an error, never a silent no-op;
 2. analyses each one not analysed before (:func:`worker.pipeline.process_dataset`: the image
    checks, the guarded decode, inference and the heatmap; a bad image becomes an
    "unassessable" result);
 3. writes the SR and the SC durably to the outbox (:mod:`dicom_node.core.outbox`);
 4. C-STOREs them to every configured destination (:mod:`worker.delivery`), skipping those
    already delivered there;
-5. marks the spool instances done once every result is delivered or dead-lettered.
+5. tells the node that the instances are done once every result is delivered or
+   dead-lettered (a done marker in the shared spool, or a report to the node).
 
 One bad instance never blocks its study.  Every failure of one instance is classified, and the
 study's other instances are analysed and delivered:
@@ -22,6 +24,9 @@ study's other instances are analysed and delivered:
   it, or the outbox cannot be written) stays pending and the task is retried, up to
   ``max_read_attempts`` times per instance (counted in Redis, so across tasks); then it is
   dead-lettered;
+* an instance (or study) the node answers is gone is dead-lettered at once; while the node
+  cannot be reached the task is retried and nothing is dead-lettered (the node still holds the
+  study as pending); a ticket the node refuses ends the task (the node queues it again);
 * any other error while analysing it or storing its results (e.g. a header from which no SR
   can be built, a failing model) dead-letters that instance with the reason;
 * an instance whose analysis started ``max_analysis_starts`` times without finishing (each
@@ -48,12 +53,19 @@ from pydicom.dataset import Dataset
 from dicom_node.core.errors import IngestError, TransientDeliveryError, describe_error
 from dicom_node.core.outbox import WHOLE_STUDY, Outbox, SourceRecord
 from dicom_node.core.settings import Destination, Settings
-from dicom_node.core.spool import Spool
+from dicom_node.core.spool import read_dataset
 from worker.delivery import SendFn
 from worker.locks import InstanceCounters, InstanceLocks
 from worker.observer import WorkerObserver
 from worker.results.outcome import Prediction
 from worker.rounds import DeliveryRound, deliver, give_up, settle
+from worker.sources import (
+    InstanceSource,
+    SourceGone,
+    SourceInstance,
+    SourceRefused,
+    SourceUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +120,10 @@ class StudyReport:
     delivery: DeliveryRound = field(default_factory=DeliveryRound)
     given_up: int = 0
     done: list[str] = field(default_factory=list)
+    unreachable: str | None = None
+    """Why the node could not be reached (listing, fetch or report): retried, never dead."""
+    refused: str | None = None
+    """Why the node refused the task's ticket: the task ends, the node queues it again."""
     timings: dict[str, float] = field(default_factory=dict)
     received: float | None = None
     last_received: float | None = None
@@ -117,11 +133,19 @@ class StudyReport:
     def waiting(self) -> bool:
         """Results wait for a destination that may come back, or instances for their file to
         become readable (a retry is worth it)."""
-        return (self.delivery.transient and not self.given_up) or bool(self.unreadable)
+        if self.refused is not None:
+            return False
+        return (
+            (self.delivery.transient and not self.given_up)
+            or bool(self.unreadable)
+            or self.unreachable is not None
+        )
 
     def retry_reasons(self) -> str:
         """Why a retry is worth it, one clause per destination or unreadable instance."""
         reasons = [f"{k}: {v}" for k, v in sorted(self.delivery.waiting.items())]
+        if self.unreachable is not None:
+            reasons.append(f"the node: {self.unreachable}")
         reasons += [
             f"{'the study' if k == WHOLE_STUDY else 'instance ' + k}: {v}"
             for k, v in sorted(self.unreadable.items())
@@ -138,7 +162,7 @@ class StudyProcessor:
     def __init__(
         self,
         settings: Settings,
-        spool: Spool,
+        source: InstanceSource,
         outbox: Outbox,
         analyse: Analyse,
         locks: InstanceLocks,
@@ -154,7 +178,8 @@ class StudyProcessor:
         self.settings = settings
         self.destinations = destinations or (lambda: settings.destinations)
         self.observer = observer or WorkerObserver()
-        self.spool = spool
+        self.source = source
+        self._records: list[SourceInstance] = []
         self.outbox = outbox
         self.analyse = analyse
         self.locks = locks
@@ -171,8 +196,8 @@ class StudyProcessor:
         named.
         """
         try:
-            records = self.spool.instances(study_key)
-            lost = self.spool.lost_instances(study_key)
+            records = self._records = list(self.source.instances(study_key))
+            lost = self.source.lost_instances(study_key)
         except IngestError as err:
             if instance_keys is None:
                 raise StudyNotInSpool(str(err)) from err
@@ -206,6 +231,14 @@ class StudyProcessor:
             self._study_not_in_spool(report, str(err), final_attempt)
             log_study(report)
             return report
+        except SourceGone as err:
+            self._study_gone(report, describe_error(err))
+            log_study(report)
+            return report
+        except (SourceUnavailable, SourceRefused) as err:
+            self._node_failed(report, err)
+            log_study(report)
+            return report
         if not report.targets:
             logger.info("study %s: nothing pending (already done); no-op", study_key)
             return report
@@ -217,11 +250,27 @@ class StudyProcessor:
                 report.busy.append(instance_key)
         try:
             self._process(report, mine, final_attempt)
+        except (SourceUnavailable, SourceRefused) as err:
+            self._node_failed(report, err)
         finally:
             for instance_key in mine:
                 self.locks.release(study_key, instance_key, owner)
+            if not report.waiting:
+                self.source.release(study_key)
         log_study(report)
         return report
+
+    def _node_failed(self, report: StudyReport, err: SourceUnavailable | SourceRefused) -> None:
+        if isinstance(err, SourceRefused):
+            report.refused = describe_error(err)
+            logger.error(
+                "study %s: the node refused the task (%s); it stays pending there and is "
+                "queued again",
+                report.study_key,
+                report.refused,
+            )
+        else:
+            report.unreachable = describe_error(err)
 
     def _process(self, report: StudyReport, instance_keys: list[str], final_attempt: bool) -> None:
         records: list[SourceRecord] = []
@@ -245,24 +294,29 @@ class StudyProcessor:
                 self.outbox, report.delivery, "destination unavailable after the last retry"
             )
             self.observer.dead_lettered("delivery", report.given_up)
-        report.done = settle(self.outbox, self.spool, destinations, records)
+        report.done = settle(self.outbox, self.source, destinations, records)
+
+    def _listed(self, instance_key: str) -> SourceInstance | None:
+        return next((r for r in self._records if r.instance_key == instance_key), None)
 
     def _note_received(
         self, report: StudyReport, instance_key: str, record: SourceRecord | None
     ) -> None:
         received = record.received if record is not None else None
         if received is None:
-            try:
-                received = self.spool.instance_path(report.study_key, instance_key).stat().st_mtime
-            except (IngestError, OSError):
-                return
+            listed = self._listed(instance_key)
+            received = listed.received if listed is not None else None
+        if received is None:
+            return
         report.received = min(received, report.received or received)
         report.last_received = max(received, report.last_received or received)
 
     def _read(self, study_key: str, instance_key: str) -> tuple[Dataset, Path, float]:
-        path = self.spool.instance_path(study_key, instance_key)
-        dataset = self.spool.read_instance(study_key, instance_key, defer_size=HEADER_DEFER_SIZE)
-        return dataset, path, path.stat().st_mtime
+        path = self.source.instance_file(study_key, instance_key)
+        dataset = read_dataset(path, f"{study_key}/{instance_key}", defer_size=HEADER_DEFER_SIZE)
+        listed = self._listed(instance_key)
+        received = listed.received if listed is not None else None
+        return dataset, path, received if received is not None else path.stat().st_mtime
 
     def _analyse(
         self, report: StudyReport, instance_key: str, final_attempt: bool
@@ -273,6 +327,11 @@ class StudyProcessor:
             dataset, path, received = self._read(study_key, instance_key)
         except self.policy.fatal:
             raise
+        except (SourceUnavailable, SourceRefused):
+            raise  # the node, not the instance: the whole task waits or ends
+        except SourceGone as err:
+            self._dead_letter(report, instance_key, f"gone from the node: {describe_error(err)}")
+            return None
         except Exception as err:  # missing, unreadable, not DICOM: retried a bounded number
             self._unreadable(report, instance_key, describe_error(err), final_attempt)
             return None
@@ -366,14 +425,21 @@ class StudyProcessor:
         report.failed += 1
         logger.error("study %s dead-lettered: %s", study_key, why)
 
+    def _study_gone(self, report: StudyReport, reason: str) -> None:
+        why = f"the study is gone from the node: {reason}"
+        self.outbox.dead_letter_study(report.study_key, why)
+        self.observer.dead_lettered("analysis")
+        report.failed += 1
+        logger.error("study %s dead-lettered: %s", report.study_key, why)
+
     def _dead_letter(self, report: StudyReport, instance_key: str, reason: str) -> None:
         study_key = report.study_key
         logger.error("study %s instance %s dead-lettered: %s", study_key, instance_key, reason)
         self.outbox.dead_letter_source(study_key, instance_key, reason)
         self.observer.dead_lettered("analysis")
         try:
-            self.spool.mark_done(study_key, [instance_key])
-        except IngestError as err:  # the study folder itself is gone
+            self.source.mark_dead(study_key, instance_key, reason)
+        except (IngestError, SourceGone) as err:  # the study itself is gone
             logger.warning("study %s: %s", study_key, err)
         report.failed += 1
 
@@ -383,19 +449,25 @@ class StudyProcessor:
         """Give up on the study's pending instances (e.g. a poison message); return them."""
         try:
             targets = self.targets(study_key, instance_keys)
-        except StudyNotInSpool:
+        except (SourceUnavailable, SourceRefused) as err:
+            logger.error(
+                "study %s: not dead-lettered, the node did not answer (%s); it stays pending there",
+                study_key,
+                describe_error(err),
+            )
+            return []
+        except (StudyNotInSpool, SourceGone):
             self.outbox.dead_letter_study(study_key, reason)
             self.observer.dead_lettered("analysis")
             logger.error("study %s dead-lettered: %s", study_key, reason)
             return []
         for instance_key in targets:
             self.outbox.dead_letter_source(study_key, instance_key, reason)
-        self.observer.dead_lettered("analysis", len(targets))
-        if targets:
             try:
-                self.spool.mark_done(study_key, targets)
-            except IngestError as err:
+                self.source.mark_dead(study_key, instance_key, reason)
+            except (IngestError, SourceGone, SourceUnavailable, SourceRefused) as err:
                 logger.warning("study %s: %s", study_key, err)
+        self.observer.dead_lettered("analysis", len(targets))
         logger.error("study %s: %d instances dead-lettered: %s", study_key, len(targets), reason)
         return targets
 
@@ -404,8 +476,12 @@ def log_study(report: StudyReport) -> None:
     """The one INFO line per study, receive to delivered, with timings and no PHI."""
     now = time.time()
     delivery = report.delivery
-    if report.waiting:
+    if report.refused is not None:
+        state = "refused by the node (queued again there)"
+    elif report.waiting:
         waiting = sorted(delivery.waiting) if not report.given_up else []
+        if report.unreachable is not None:
+            waiting.append("the node")
         if WHOLE_STUDY in report.unreadable:
             waiting.append("the study to appear in the spool")
         elif report.unreadable:

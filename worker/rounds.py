@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dicom_node.core.errors import IngestError, PermanentDeliveryError, TransientDeliveryError
 from dicom_node.core.outbox import KIND_ORDER, Outbox, SourceRecord, State
@@ -20,6 +21,12 @@ from dicom_node.core.spool import Spool
 from worker.delivery import Disposition, SendFn, describe_status
 
 logger = logging.getLogger(__name__)
+
+
+class DoneMarks(Protocol):
+    """Where finished instances are marked (the spool, or a source that tells the node)."""
+
+    def mark_done(self, study_key: str, instance_keys: Iterable[str]) -> None: ...
 
 
 @dataclass
@@ -127,14 +134,14 @@ def give_up(outbox: Outbox, round_: DeliveryRound, why: str) -> int:
 
 def settle(
     outbox: Outbox,
-    spool: Spool,
+    spool: DoneMarks,
     destinations: Sequence[Destination],
     records: Iterable[SourceRecord],
 ) -> list[str]:
     """Mark done in the spool every source instance of ``records`` that is settled.
 
-    Returns the instance keys marked done.  A spool that lacks the study (e.g. the worker runs
-    against another spool than the node) is logged and skipped.
+    Returns the instance keys marked done.  A spool that lacks the study is logged and
+    skipped; a node that cannot be told raises (``worker.sources.SourceUnavailable``).
     """
     done: list[str] = []
     by_study: dict[str, list[str]] = {}

@@ -19,20 +19,24 @@ import torch
 from pydicom.dataset import Dataset
 
 from dicom_node.core.audit_trail import AuditTrail, default_source_id
+from dicom_node.core.fetch import spool_identity
 from dicom_node.core.logs import quiet_libraries
 from dicom_node.core.outbox import Outbox
 from dicom_node.core.settings import Settings
 from dicom_node.core.spool import Spool
+from dicom_node.core.task import StudyTask
 from dicom_node.core.telemetry import TelemetryWriter
 from worker.decoder import DecodeLimits, Decoder
 from worker.delivery import Sender
 from worker.destinations import DestinationSource
 from worker.engine import Engine, load_engine
+from worker.fetching import FetchCache, NodeClient, RemoteSource
 from worker.locks import InstanceCounters, InstanceLocks
 from worker.observer import WorkerObserver
 from worker.options import WorkerOptions
 from worker.pipeline import InstanceResult, process_dataset
 from worker.processor import Analyse, IsolationPolicy, StudyProcessor
+from worker.sources import InstanceSource, SpoolSource
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,8 @@ class WorkerRuntime:
         )
         self.spool = Spool(settings.storage.spool_dir)
         self.outbox = Outbox(settings.storage.outbox_dir)
+        self.cache = FetchCache(settings.fetch.cache_dir)
+        self.node_client = NodeClient.from_settings(settings)
         self.engine: Engine | None = None
         self.decoder: Decoder | None = None
         self.device: str | None = None
@@ -125,6 +131,7 @@ class WorkerRuntime:
         self.decoder = Decoder(decode_limits(self.settings, engine))
         self.decoder.start()
         removed = self.outbox.remove_temporary()
+        self.cache.sweep(self.settings.fetch.url_ttl)
         logger.info(
             "process %d (pid %d): model %s loaded on %s in %.1f s, decoder process %s%s",
             index,
@@ -161,8 +168,22 @@ class WorkerRuntime:
             self._analyse = analyse
         return self._analyse
 
+    def source(self, task: StudyTask | None) -> InstanceSource:
+        """Where ``task``'s instances come from: fetched from the node, unless the task has no
+        fetch URL (the node has no admin service) or ``fetch.direct_spool`` is set and this
+        worker's ``storage.spool_dir`` is the node's spool (the task names its identity)."""
+        if task is None or task.fetch is None:
+            return SpoolSource(self.spool)
+        direct = self.settings.fetch.direct_spool and task.spool is not None
+        if direct and spool_identity(self.spool.root) == task.spool:
+            return SpoolSource(self.spool)
+        return RemoteSource(self.node_client, self.cache, task.fetch, task.study_key)
+
     def processor(
-        self, analyse: Analyse | None = None, fatal: tuple[type[BaseException], ...] = ()
+        self,
+        analyse: Analyse | None = None,
+        fatal: tuple[type[BaseException], ...] = (),
+        task: StudyTask | None = None,
     ) -> StudyProcessor:
         """A study processor for one task (``analyse`` replaces the model in tests); the
         exceptions ``fatal`` are never caught for one instance (the task's time limit)."""
@@ -175,7 +196,7 @@ class WorkerRuntime:
         )
         return StudyProcessor(
             self.settings,
-            self.spool,
+            self.source(task),
             self.outbox,
             analyse if analyse is not None else self.analyse(),
             InstanceLocks(client, options.lock_ttl),

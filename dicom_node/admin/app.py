@@ -1,6 +1,7 @@
 """The admin service's ASGI app, composed of routers so that a later feature adds its own:
 ``/healthz`` (:mod:`~dicom_node.admin.health`), ``/metrics`` (:mod:`~dicom_node.admin.metrics`),
-``/api/v1`` (:mod:`~dicom_node.admin.api`) and the console (:mod:`~dicom_node.admin.console`).
+``/api/v1`` (:mod:`~dicom_node.admin.api`), the console (:mod:`~dicom_node.admin.console`) and
+``/fetch/v1``, the spool served to workers (:mod:`~dicom_node.admin.fetch`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
 from dicom_node import __version__
-from dicom_node.admin import api, console, health, metrics
+from dicom_node.admin import api, console, fetch, health, metrics
 from dicom_node.admin.auth import Sessions
 from dicom_node.admin.services import AdminServices
 
@@ -44,7 +45,8 @@ def create_app(
     registry = services.node.metrics.registry
     registry.register(metrics.AdminCollector(services))
     app.state.registry = registry
-    for router in (health.router, metrics.router, api.router, console.router, *extra_routers):
+    routers = (health.router, metrics.router, api.router, console.router, fetch.router)
+    for router in (*routers, *extra_routers):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 

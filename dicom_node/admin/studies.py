@@ -7,6 +7,8 @@ A study's state, first match wins:
 * ``stored``: no instance was selected for the model (e.g. a lateral view): nothing to do;
 * ``delivered``: every selected instance is analysed and every result is delivered to every
   configured destination (a destination added after the study was finished is not counted);
+  an instance a worker on another host reported done counts as analysed and delivered (its
+  results and their delivery state are in that worker's outbox);
 * ``analysed``: every selected instance is analysed, some results wait for a destination;
 * ``queued``: a task was published for it;
 * ``received``: stored, not queued yet (the study is still arriving, or the broker is down).
@@ -109,7 +111,8 @@ def study_view(
         instances=len(instances),
         selected=len(selected),
         queued=sum(1 for i in selected if i.queued or i.done),
-        analysed=sum(1 for i in selected if i.instance_key in records),
+        # A worker on another host keeps its outbox: the node knows its instances as done.
+        analysed=sum(1 for i in selected if i.instance_key in records or i.done),
     )
     for dead in outbox.dead_sources_of(study_key):
         view.dead_letters.append(DeadLetterView("analysis", dead.key, dead.reason, dead.at))

@@ -31,9 +31,11 @@ from dicom_node.cli.common import (
 )
 from dicom_node.core.audit_trail import AuditTrail, default_source_id
 from dicom_node.core.errors import CoronetError
+from dicom_node.core.fetch import Locator, TicketSigner, default_base_url, spool_identity
 from dicom_node.core.logs import quiet_libraries
 from dicom_node.core.outbox import Outbox
 from dicom_node.core.settings import Settings
+from dicom_node.core.spool import Spool
 from dicom_node.scp.node import DicomNode
 from worker.delivery import echo
 
@@ -44,8 +46,10 @@ PID_FILE = "node.pid"
 _SERVE_EPILOG = """\
 Admin service: with admin.enabled (the default) the node also serves the web console, the
 REST API (/api/v1), /healthz and /metrics on admin.host:admin.port (loopback by default; see
-`coronet admin user add`).  Delivered studies are removed after storage.retention days, checked
-every storage.prune_interval seconds.
+`coronet admin user add`), and /fetch/v1, from which workers on any host fetch the instances
+of their tasks (each task carries a signed URL, valid for fetch.url_ttl seconds; workers reach
+it at fetch.url).  Without the admin service, workers must share the spool folder.  Delivered
+studies are removed after storage.retention days, checked every storage.prune_interval seconds.
 
 Signals: SIGHUP reloads the configuration (callers, AE title, SOP classes, limits, selection,
 grouping, broker; a new host, port or TLS setting opens a new listener); SIGINT and SIGTERM
@@ -106,7 +110,18 @@ def _echo_destination(settings: Settings, name: str) -> tuple[bool, str]:
     return echo(settings, name, 10.0)
 
 
-def _admin_server(node: DicomNode, args: argparse.Namespace, trail: AuditTrail) -> AdminServer:
+def _locator(settings: Settings, secret: bytes) -> Locator:
+    """What each task carries so that a worker on any host reaches the study's instances."""
+    return Locator(
+        TicketSigner(secret, settings.fetch.url_ttl),
+        default_base_url(settings),
+        spool_identity(settings.storage.spool_dir, create=True) or "",
+    )
+
+
+def _admin_server(
+    node: DicomNode, args: argparse.Namespace, trail: AuditTrail, secret: bytes
+) -> AdminServer:
     """The admin service of a running node, wired to the worker's C-ECHO (composition root)."""
     settings = node.settings
     services = AdminServices(
@@ -117,7 +132,7 @@ def _admin_server(node: DicomNode, args: argparse.Namespace, trail: AuditTrail) 
         users=UserStore(settings.admin.users_file),
         audit_trail=trail,
         echo=_echo_destination,
-        secret=load_secret(settings.admin.secret_file),
+        secret=secret,
     )
     app = create_app(services, secure=settings.admin.tls is not None)
     return AdminServer(app, settings.admin)
@@ -137,12 +152,20 @@ def _prune_job(node: DicomNode) -> PeriodicJob:
     return PeriodicJob("retention", lambda: node.settings.storage.prune_interval, run)
 
 
+def _requeue_job(node: DicomNode) -> PeriodicJob:
+    """Pending studies whose fetch URL expired get a task with a new one."""
+    ttl = node.settings.fetch.url_ttl
+    return PeriodicJob("requeue", lambda: ttl / 4, lambda: node.queue.requeue_stale(ttl))
+
+
 def _serve(args: argparse.Namespace) -> int:
     _node_logging(getattr(args, "verbose", 0))
     settings = settings_from_args(args)
     trail = audit_trail(settings)
-    node = DicomNode.from_settings(settings, audit_trail=trail)
-    node.spool.prepare()  # a clear error for an unusable folder, before its pid file
+    Spool(settings.storage.spool_dir).prepare()  # a clear error for an unusable folder, first
+    secret = load_secret(settings.admin.secret_file) if settings.admin.enabled else None
+    locate = _locator(settings, secret).task_kwargs if secret is not None else None
+    node = DicomNode.from_settings(settings, audit_trail=trail, locate=locate)
     wake = threading.Event()
     requests: dict[str, bool] = {"stop": False, "reload": False}
 
@@ -155,15 +178,18 @@ def _serve(args: argparse.Namespace) -> int:
     }
     pid_path = pid_file(settings)
     admin: AdminServer | None = None
-    pruning = _prune_job(node)
+    jobs = [_prune_job(node)]
+    if secret is not None:
+        jobs.append(_requeue_job(node))
     try:
         _claim_pid_file(pid_path)
-        if settings.admin.enabled:  # first: once the node says it listens, all of it answers
-            admin = _admin_server(node, args, trail)
+        if secret is not None:  # first: once the node says it listens, all of it answers
+            admin = _admin_server(node, args, trail, secret)
             admin.start()
             print(f"admin console on {admin.url}", flush=True)
         node.start()
-        pruning.start()
+        for job in jobs:
+            job.start()
         host, port = node.address
         print(
             f"{settings.node.ae_title} listening on {host}:{port} (pid {os.getpid()})", flush=True
@@ -175,7 +201,8 @@ def _serve(args: argparse.Namespace) -> int:
                 requests["reload"] = False
                 _reload(node, args)
     finally:
-        pruning.stop()
+        for job in jobs:
+            job.stop()
         if admin is not None:
             admin.stop()
         node.stop()

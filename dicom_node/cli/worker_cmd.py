@@ -43,8 +43,11 @@ SR can be built, whose analysis failed, whose analysis started --max-redeliverie
 finishing, or whose spooled file stayed missing or unreadable for --max-read-attempts tries is
 dead-lettered with the reason.  The study's other instances are analysed and delivered.
 
-The worker and the node must see the same spool folder (storage.spool_dir); on separate hosts
-put it on shared storage.
+Instances: the worker fetches each study's instances from the node, at the signed URL its task
+carries (the node's admin service, fetch.url), into fetch.cache_dir; no shared folder is
+needed.  With fetch.direct_spool, a worker whose storage.spool_dir is the node's own spool
+reads it directly.  While the node cannot be reached the task is retried; an instance the node
+no longer holds is dead-lettered.
 """
 
 

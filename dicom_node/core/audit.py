@@ -11,6 +11,8 @@ association accepted / ended           110114 User Authentication       110122 L
 association rejected                   110114 User Authentication (4)   110122 Login
 instances of a study stored            110104 DICOM Instances Transf.   (action C, receiver)
 results sent to a destination          110104 DICOM Instances Transf.   (action C, sender)
+an instance fetched by a worker        110104 DICOM Instances Transf.   (action C, sender)
+fetch ticket refused                   110114 User Authentication       110122 Login
 caller added or removed                110113 Security Alert            110129 Security Config.
 destination added or removed           110113 Security Alert            110128 Network Config.
 admin user added or removed            110113 Security Alert            110137 User Sec. Attr.

@@ -365,6 +365,46 @@ class AdminSettings(_Model):
         return self
 
 
+class FetchSettings(_Model):
+    """How workers get the instances of a task: over HTTP from the node, or from the spool.
+
+    The node serves its spool to workers on its admin service (``/fetch/v1``); each task
+    carries a URL signed with the node's secret (``admin.secret_file``) that is valid for
+    ``url_ttl`` seconds, so a worker needs no credentials of its own.  A worker fetches
+    unless ``direct_spool`` is true *and* its ``storage.spool_dir`` is the node's (the same
+    spool identity); fetched instances are kept in ``cache_dir`` until their study is done.
+    """
+
+    url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="base URL at which workers reach the node's admin service, e.g. "
+        "https://node.example.org:8480; default: from admin.host and admin.port (the host "
+        "name when admin.host is 0.0.0.0 or ::)",
+    )
+    url_ttl: float = Field(
+        6 * 3600.0,
+        ge=60,
+        le=7 * 86400,
+        description="seconds a task's signed fetch URL is valid; a study still pending after "
+        "that is queued again with a new URL",
+    )
+    direct_spool: bool = Field(
+        False,
+        description="worker: read instances from storage.spool_dir instead of fetching them "
+        "when that folder is the node's spool (a worker on the node's host)",
+    )
+    cache_dir: Path = Field(
+        Path("var/fetch-cache"), description="worker: fetched instances, until their study is done"
+    )
+    timeout: float = Field(
+        30.0, gt=0, le=600, description="seconds to connect, and between two reads, per request"
+    )
+    ca_file: Path | None = Field(
+        None, description="worker: CA certificates that verify the node's HTTPS certificate"
+    )
+
+
 class SyslogSettings(_Model):
     """An audit record repository reached by syslog (RFC 5424) over UDP (RFC 5426) or TLS
     (RFC 5425)."""
@@ -414,6 +454,7 @@ class Settings(_Model):
     grouping: GroupingSettings = GroupingSettings()
     results: ResultSettings = ResultSettings()
     admin: AdminSettings = AdminSettings()
+    fetch: FetchSettings = FetchSettings()
     audit: AuditSettings = AuditSettings()
 
     @field_validator("callers")

@@ -408,6 +408,17 @@ class Spool:
         queued, done = self._markers(folder, _QUEUED), self._markers(folder, _DONE)
         return sorted(k for k in queued - done if not (folder / f"{k}.dcm").exists())
 
+    def queued_at(self, study_key: str) -> float | None:
+        """When a task for the study was last published (the newest ``queued`` marker)."""
+        folder = self._study_dir(study_key)
+        times = []
+        for key in self._markers(folder, _QUEUED):
+            try:
+                times.append((folder / _QUEUED / key).stat().st_mtime)
+            except FileNotFoundError:
+                continue
+        return max(times, default=None)
+
     def pending_studies(self) -> list[str]:
         """Studies with at least one selected instance without a finished task."""
         return [key for key in self.study_keys() if self.pending_instances(key)]
@@ -422,13 +433,19 @@ class Spool:
     def read_instance(self, study_key: str, instance_key: str, **kwargs: Any) -> FileDataset:
         """Read a spooled instance with pydicom (``kwargs`` go to ``pydicom.dcmread``)."""
         path = self.instance_path(study_key, instance_key)
-        try:
-            return pydicom.dcmread(path, **kwargs)
-        except (OSError, pydicom.errors.InvalidDicomError) as err:
-            raise IngestError(f"cannot read {study_key}/{instance_key}: {err}") from err
+        return read_dataset(path, f"{study_key}/{instance_key}", **kwargs)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.study_keys())
+
+
+def read_dataset(path: Path, name: str, **kwargs: Any) -> FileDataset:
+    """Read an instance file with pydicom (``kwargs`` go to ``pydicom.dcmread``); IngestError
+    naming ``name`` (keys, never UIDs) if it cannot be read."""
+    try:
+        return pydicom.dcmread(path, **kwargs)
+    except (OSError, pydicom.errors.InvalidDicomError) as err:
+        raise IngestError(f"cannot read {name}: {err}") from err
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -46,7 +46,7 @@ from dicom_node.scp.handlers import (
 from dicom_node.scp.header import HeaderLimits
 from dicom_node.scp.ingest import Ingest
 from dicom_node.scp.metrics import NodeMetrics
-from dicom_node.scp.queueing import CeleryQueue, StudyQueue
+from dicom_node.scp.queueing import CeleryQueue, Locate, StudyQueue
 from dicom_node.scp.tempfiles import TempFiles
 from dicom_node.scp.tempfiles import install as install_temp_files
 
@@ -89,8 +89,10 @@ class DicomNode:
         *,
         metrics: NodeMetrics | None = None,
         audit_trail: AuditTrail | None = None,
+        locate: Locate | None = None,
     ) -> None:
         self._settings = settings
+        self.locate = locate
         self.spool = spool
         self.queue = queue
         self.temp_files = TempFiles(spool.root / TEMP_FOLDER)
@@ -124,13 +126,15 @@ class DicomNode:
         *,
         metrics: NodeMetrics | None = None,
         audit_trail: AuditTrail | None = None,
+        locate: Locate | None = None,
         **queue_options: float,
     ) -> DicomNode:
-        """Build the spool, the Celery producer and the study queue from ``settings``."""
+        """Build the spool, the Celery producer and the study queue from ``settings``;
+        ``locate`` adds each task's fetch URL (:class:`dicom_node.core.fetch.Locator`)."""
         spool = Spool(settings.storage.spool_dir)
-        publisher = CeleryQueue.from_settings(settings.broker)
+        publisher = CeleryQueue.from_settings(settings.broker, locate)
         queue = StudyQueue(spool, publisher, settings.grouping, **queue_options)
-        return cls(settings, spool, queue, metrics=metrics, audit_trail=audit_trail)
+        return cls(settings, spool, queue, metrics=metrics, audit_trail=audit_trail, locate=locate)
 
     @property
     def settings(self) -> Settings:
@@ -287,7 +291,7 @@ class DicomNode:
             self.ingest.min_free_bytes = settings.storage.min_free_bytes
             publisher = None
             if settings.broker != old.broker:
-                publisher = CeleryQueue.from_settings(settings.broker)
+                publisher = CeleryQueue.from_settings(settings.broker, self.locate)
             self.queue.reload(settings.grouping, publisher)
             self._settings = settings
         logger.info(

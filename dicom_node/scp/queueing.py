@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from celery import Celery
 
@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 Publish = Callable[[str, "list[str] | None"], None]
 """Publishes one task; raises when the broker cannot take it."""
+
+Locate = Callable[[str], Mapping[str, str]]
+"""The keyword arguments that let a worker reach a study's instances (``fetch``, ``spool``;
+:class:`dicom_node.core.fetch.Locator`)."""
 
 _CONNECT_TIMEOUT_S = 2.0
 
@@ -61,18 +65,21 @@ def make_celery_app(broker: BrokerSettings) -> Celery:
 class CeleryQueue:
     """Sends ``coronet.process_study`` tasks to one queue of one broker."""
 
-    def __init__(self, app: Celery, queue: str) -> None:
+    def __init__(self, app: Celery, queue: str, locate: Locate | None = None) -> None:
         self.app = app
         self.queue = queue
+        self.locate = locate
 
     @classmethod
-    def from_settings(cls, broker: BrokerSettings) -> CeleryQueue:
-        return cls(make_celery_app(broker), broker.queue)
+    def from_settings(cls, broker: BrokerSettings, locate: Locate | None = None) -> CeleryQueue:
+        return cls(make_celery_app(broker), broker.queue, locate)
 
     def enqueue_study(self, study_key: str, instance_keys: list[str] | None = None) -> None:
         """Publish one task; raises (e.g. ``kombu.exceptions.OperationalError``) on failure."""
-        task = StudyTask(study_key, None if instance_keys is None else tuple(instance_keys))
-        self.app.send_task(TASK_NAME, args=task.args(), queue=self.queue)
+        where = dict(self.locate(study_key)) if self.locate is not None else {}
+        keys = None if instance_keys is None else tuple(instance_keys)
+        task = StudyTask(study_key, keys, where.get("fetch"), where.get("spool"))
+        self.app.send_task(TASK_NAME, args=task.args(), kwargs=task.kwargs(), queue=self.queue)
 
     __call__ = enqueue_study
 
@@ -143,6 +150,24 @@ class StudyQueue:
         if studies:
             logger.info("recovery: %d spooled studies to queue again", len(studies))
         return len(studies)
+
+    def requeue_stale(self, older_than: float) -> int:
+        """Schedule every pending study whose last task was published more than
+        ``older_than`` seconds ago (its fetch URL has expired); return how many."""
+        now = time.time()
+        stale = []
+        for study_key in self.spool.pending_studies():
+            try:
+                queued = self.spool.queued_at(study_key)
+            except IngestError:
+                continue
+            if queued is not None and now - queued > older_than:
+                stale.append(study_key)
+        for study_key in stale:
+            self.schedule(study_key)
+        if stale:
+            logger.info("%d pending studies queued again with a new fetch URL", len(stale))
+        return len(stale)
 
     # ------------------------------------------------------------------ producers
 
@@ -222,7 +247,7 @@ class StudyQueue:
 
     def _attempt(self, study_key: str, instance_keys: list[str] | None) -> None:
         try:
-            covered = instance_keys or self.spool.unqueued_instances(study_key)
+            covered = instance_keys or self.spool.pending_instances(study_key)
             if instance_keys is None and not self.spool.pending_instances(study_key):
                 logger.debug("study %s has nothing pending; not queued", study_key)
                 return

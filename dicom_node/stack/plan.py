@@ -145,6 +145,7 @@ def make_plan(options: RunOptions) -> Plan:
     data = effective_data(settings, broker_url, orthanc)
     if admin_port is not None:
         data["admin"]["port"] = admin_port
+    data["fetch"]["cache_dir"] = str(var_dir / "fetch-cache")
     config_path = var_dir / "run" / "coronet.yaml"
     effective = settings_from_data(data, str(config_path))
     header = f"# Written by `coronet run` from {options.config}; edit that file instead.\n"

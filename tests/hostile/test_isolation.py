@@ -49,6 +49,7 @@ from worker.options import WorkerOptions
 from worker.pipeline import process_dataset
 from worker.processor import Analyse, AnalysisResult, StudyProcessor, StudyReport
 from worker.results.sr import SRSummary, read_sr
+from worker.sources import SpoolSource
 
 pytestmark = [
     pytest.mark.integration,
@@ -92,7 +93,7 @@ def _processor(settings: Settings, redis: RedisServer, analyse: Analyse) -> Stud
     client = redis.client()
     return StudyProcessor(
         settings,
-        Spool(settings.storage.spool_dir),
+        SpoolSource(Spool(settings.storage.spool_dir)),
         Outbox(settings.storage.outbox_dir),
         analyse,
         InstanceLocks(client, 60),

@@ -36,6 +36,7 @@ def node_data(tmp_path: Path, broker_url: str, **sections: Any) -> dict[str, Any
             "secret_file": str(tmp_path / "admin" / "secret"),
         },
         "audit": {"sink": "file", "file": str(tmp_path / "audit" / "audit.log")},
+        "fetch": {"cache_dir": str(tmp_path / "fetch-cache")},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
