@@ -216,8 +216,9 @@ def test_demo_weights_file() -> None:
 
 @pytest.mark.slow
 def test_evaluation_of_demo_weights_on_held_out_phantoms(held_out: Path, tmp_path: Path) -> None:
-    """evaluate.json on 120 phantoms the demo weights never saw: the report is complete and
-    the accuracy is at least 90%."""
+    """evaluate.json on 120 phantoms the demo weights never saw: the report is complete, the
+    accuracy is at least 90%, the gate accepts at least 95% of them, and temperature scaling
+    (fitted on other images) lowers their expected calibration error."""
     out = tmp_path / "evaluation"
     run_ok(
         bundle_cmd(
@@ -231,9 +232,13 @@ def test_evaluation_of_demo_weights_on_held_out_phantoms(held_out: Path, tmp_pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert sum(metrics["support"].values()) == 120
     assert metrics["accuracy"] >= 0.90, metrics["confusion"]
-    for png in ("confusion_matrix.png", "roc.png"):
+    for png in ("confusion_matrix.png", "roc.png", "reliability.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert "Table 5" in (out / "report.txt").read_text()
+    report = (out / "report.txt").read_text()
+    assert "Table 5" in report and "expected calibration error" in report
+    trust = metrics["trust"]
+    assert trust["gate_acceptance"] >= 0.95 and trust["accuracy_accepted"] >= 0.90
+    assert trust["ece_after"] < trust["ece_before"], trust
 
 
 # ------------------------------------------------------------------ training
