@@ -5,24 +5,38 @@ with a blurred copy of itself, ``x * m + blur(x) * (1 - m)``.  The perturbed ima
 the WHOLE CoroNet pipeline (both FPAEs, the residual tensor and the classifier), and Adam
 minimises::
 
-    l1_coeff * mean|1 - m|  +  tv_coeff * TV_beta(m)  +  softmax(net(perturbed))[target]
+    l1_coeff * mean|1 - m|  +  tv_coeff * TV_beta(m)  +  score(net(perturbed))[target]
 
-with ``m`` clamped to [0, 1] after every step, starting from ``m = 1`` (nothing deleted).  The
-heatmap shown to the reader is ``1 - m``: the regions whose deletion lowers the target
-probability most.
+with ``m`` clamped to [0, 1] after every step.  The heatmap shown to the reader is ``1 - m``:
+the regions whose deletion lowers the target class most.
+
+The score (``objective``) is the target class's log-probability, computed with
+``log_softmax``.  The paper's softmax probability saturates: past a logit margin of about 17
+the float32 softmax is exactly 1, its gradient exactly 0, the mask never moves and the map is
+blank (21 of 40 phantoms with the demo weights).  ``log_softmax`` keeps a gradient at any
+margin.  ``objective: "probability"`` keeps the paper's score for comparison.
+
+Every map reports the target probability before and after its deletion, with the caller's
+calibration ``temperature``; a map is *informative* when deleting it lowers that probability by
+at least ``min_drop`` of its value (half, by default).  A map that is not must say so.
+
+``warm_start: "gradient"`` starts the mask from a gradient map instead of ``m = 1``: the
+positive part of ``d log p / dx * (x - blur(x))`` (the first-order change of the log-probability
+when the image is blurred), averaged over the mask's cells, as ``m = 1 - map / max(map)``.  A
+few Adam steps then refine it against the same objective.
 
 Two presets, bundle config data (``attribution`` in ``configs/inference.json``, read by
-:func:`load_presets`), measured with ``bench/heatmap.py`` and ``pointing_game.py`` (figures in
-``docs/benchmarks.md`` at the repository root): ``default`` takes the paper's 300 Adam steps,
-``fast`` 40 larger ones (lr 0.25), 7.5x fewer passes through the network. On 40 phantoms with
-the demo weights at 128 px the fast maps point into the lesion 57.5% of the time and the default
-ones 67.5% (the image centre 0%); 25 steps gave 52.5% and 35 steps 55%. Both optimise at the
-model's input size: a lower working resolution is cheaper per step but feeds the network images
-it was not trained at, and the maps then lose the lesion (at 64 px for the 128 px demo model, 1
-hit in 20).
+:func:`load_presets`), measured with ``bench/heatmap.py`` (figures in ``docs/benchmarks.md`` at
+the repository root): ``default`` is the paper's method, 300 Adam steps from ``m = 1``; ``fast``
+warm-starts from the gradient map and takes Adam steps until the mask is informative (at least
+two, at most ten; ``stop_when_informative``).  Both optimise at the model's input
+size: a lower working resolution feeds the network images it was not trained at, and the maps
+then lose the lesion.
 
-Results are deterministic for a fixed ``seed``: all randomness comes from a local
-``torch.Generator``.
+Several images are explained together by :meth:`Explainer.explain_batch`: their masks go
+through the network as one batch (the terms are per image and Adam is elementwise, so each
+mask follows exactly the path it would alone).  Results are deterministic for a fixed
+``seed``: all randomness comes from a local ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -64,6 +78,9 @@ TARGET_KEY = "_target_"
 
 #: Smallest image side accepted: CoroNet's FPAE pyramid (/8) and ResNet stem (/32) need room.
 MIN_IMAGE_SIZE = 32
+OBJECTIVES = ("logit_margin", "log_probability", "probability")
+WARM_STARTS = ("none", "gradient")
+
 #: Largest image side accepted: hundreds of backward passes through two full-resolution FPAEs
 #: need memory that grows with the pixel count (about 4 GiB at 1024 x 1024).
 MAX_IMAGE_SIZE = 1024
@@ -73,7 +90,7 @@ MAX_IMAGE_SIZE = 1024
 class PerturbationConfig:
     """Settings of the mask optimisation.
 
-    - ``iterations``, ``lr``: Adam steps and learning rate on the mask.
+    - ``iterations``, ``lr``: Adam steps and learning rate on the mask (0: the start mask).
     - ``l1_coeff``: weight of ``mean|1 - m|`` (delete as little as possible).
     - ``tv_coeff``, ``tv_beta``: weight and exponent of the total variation of the mask
       (``mean |dm/dx|**beta + mean |dm/dy|**beta`` over the 28 x 28 mask; beta 3 as in the paper).
@@ -89,6 +106,14 @@ class PerturbationConfig:
       starts at ``m = 1``, the others at random masks in [0.5, 1].  The restart with the lowest
       objective at full size is kept.
     - ``seed``: seeds the local generator of the noise and the random starts.
+    - ``objective``: ``log_probability`` (the target's ``log_softmax``) or ``probability`` (the
+      paper's softmax probability, which saturates).
+    - ``warm_start``: ``none`` (``m = 1``, the paper's) or ``gradient`` (see the module text).
+    - ``min_drop``: the share of the target probability deleting the map must remove for the
+      map to be informative.
+    - ``stop_when_informative``, ``min_iterations``: stop an image's optimisation at the first
+      informative mask after at least ``min_iterations`` steps (``iterations`` is then the
+      most); the paper's method runs all its steps.
     """
 
     iterations: int = 300
@@ -104,10 +129,26 @@ class PerturbationConfig:
     noise_std: float = 0.0
     restarts: int = 1
     seed: int = 0
+    objective: str = "logit_margin"
+    warm_start: str = "none"
+    min_drop: float = 0.5
+    stop_when_informative: bool = False
+    min_iterations: int = 0
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(f"warm_start must be one of {WARM_STARTS}, not {self.warm_start!r}")
+        if not (isinstance(self.min_drop, int | float) and 0.0 < self.min_drop < 1.0):
+            raise ValueError(f"min_drop must be in (0, 1), not {self.min_drop!r}")
+        if (
+            isinstance(self.iterations, bool)
+            or not isinstance(self.iterations, int)
+            or self.iterations < 0
+        ):
+            raise ValueError(f"iterations must be a non-negative integer, not {self.iterations!r}")
         positive_ints = {
-            "iterations": self.iterations,
             "mask_size": self.mask_size,
             "blur_kernel": self.blur_kernel,
             "blur_reference_size": self.blur_reference_size,
@@ -136,6 +177,25 @@ class PerturbationConfig:
             raise ValueError(
                 f"work_size must be None or in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], "
                 f"not {self.work_size!r}"
+            )
+        if not isinstance(self.stop_when_informative, bool):
+            raise ValueError(
+                f"stop_when_informative must be true or false, not {self.stop_when_informative!r}"
+            )
+        if (
+            isinstance(self.min_iterations, bool)
+            or not isinstance(self.min_iterations, int)
+            or not 0 <= self.min_iterations <= self.iterations
+        ):
+            raise ValueError(
+                f"min_iterations must be in [0, iterations], not {self.min_iterations!r}"
+            )
+        if self.stop_when_informative and (
+            self.restarts != 1 or self.noise_std > 0 or self.work_size is not None
+        ):
+            raise ValueError(
+                "stop_when_informative needs one restart, no noise and no work_size: each step "
+                "then judges the mask it is given"
             )
 
 
@@ -166,16 +226,20 @@ class Explanation:
     """One attribution map.
 
     ``heatmap`` is ``1 - mask`` upsampled to the output size (float32 in [0, 1], high = salient);
-    ``mask`` the optimised ``mask_size x mask_size`` mask; the probabilities are the softmax
-    probability of ``target`` for the unperturbed and the finally perturbed image, both at the
-    image's own size; ``seconds`` is the wall time of :func:`explain`.
+    ``mask`` the optimised ``mask_size x mask_size`` mask; the probabilities are those of
+    ``target`` (softmax of the logits over the explainer's temperature) for the image and for
+    the image with the map deleted, both at the image's own size; ``informative`` says whether
+    the deletion removed at least ``min_drop`` of it; ``iterations`` the Adam steps taken
+    (fewer than the config's when it stops at an informative mask); ``seconds`` is the wall
+    time of the call (of the whole batch for :meth:`Explainer.explain_batch`).
     """
 
     heatmap: NDArray[np.float32]
     mask: NDArray[np.float32]
     target: int
-    initial_probability: float
-    final_probability: float
+    probability_before: float
+    probability_after: float
+    informative: bool
     iterations: int
     seconds: float
 
@@ -275,31 +339,78 @@ def _work_shape(shape: tuple[int, int], work_size: int | None) -> tuple[int, int
     )
 
 
-class _Objective:
-    """The perturbed-image objective for one image at one size; blurred baseline precomputed."""
+def class_score(logits: Tensor, targets: Tensor, objective: str) -> Tensor:
+    """Per row, the score of class ``targets`` that the mask optimisation lowers:
 
-    def __init__(self, network: nn.Module, image: Tensor, target: int, config: PerturbationConfig):
+    * ``logit_margin``: ``softplus(z_t - max_{j != t} z_j)``, whose gradient tends to that of
+      the margin itself while the class leads (it never vanishes with confidence) and to 0
+      once another class leads by far (the mask stops deleting);
+    * ``log_probability``: ``log_softmax(z)_t``;
+    * ``probability``: ``softmax(z)_t``, the paper's.
+    """
+    logits = logits.float()
+    own = logits.gather(1, targets[:, None])[:, 0]
+    if objective == "logit_margin":
+        others = logits.scatter(1, targets[:, None], float("-inf"))
+        return F.softplus(own - others.amax(dim=1))
+    log_p = F.log_softmax(logits, dim=1).gather(1, targets[:, None])[:, 0]
+    return log_p.exp() if objective == "probability" else log_p
+
+
+class _Objective:
+    """The perturbed-image objective for a batch of images at one size, each with its target
+    and ``restarts`` masks (rows ``i * restarts + r``); blurred baselines precomputed."""
+
+    def __init__(
+        self, network: nn.Module, images: Tensor, targets: Tensor, config: PerturbationConfig
+    ) -> None:
         self.network = network
-        self.target = target
         self.config = config
-        self.size = (int(image.shape[-2]), int(image.shape[-1]))
-        self.baseline = blur(image, config)
-        self.difference = image - self.baseline  # perturbed = baseline + difference * m
+        self.size = (int(images.shape[-2]), int(images.shape[-1]))
+        repeat = config.restarts
+        self.targets = targets.repeat_interleave(repeat)
+        baseline = blur(images, config)
+        self.baseline = baseline.repeat_interleave(repeat, dim=0)
+        # perturbed = baseline + difference * m
+        self.difference = (images - baseline).repeat_interleave(repeat, dim=0)
 
     def perturb(self, mask: Tensor) -> Tensor:
         perturbed = torch.addcmul(self.baseline, self.difference, _upsample(mask, self.size))
         return perturbed.contiguous(memory_format=torch.channels_last)
 
+    def score(self, logits: Tensor) -> Tensor:
+        """The objective's class score per row (see ``PerturbationConfig.objective``)."""
+        return class_score(logits, self.targets, self.config.objective)
+
     def terms(self, mask: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Per-restart ``(objective, target probability)`` for masks ``B x 1 x m x m``."""
+        """Per-row ``(objective, logits)`` for masks ``N x 1 x m x m``."""
         perturbed = self.perturb(mask)
         if noise is not None:
             perturbed = (perturbed + noise).clamp(0.0, 1.0)
-        probability = F.softmax(self.network(perturbed), dim=1)[:, self.target]
+        logits = self.network(perturbed)
         cfg = self.config
         l1 = (1.0 - mask).abs().flatten(1).mean(dim=1)
         tv = total_variation(mask, cfg.tv_beta)
-        return cfg.l1_coeff * l1 + cfg.tv_coeff * tv + probability, probability
+        return cfg.l1_coeff * l1 + cfg.tv_coeff * tv + self.score(logits), logits
+
+
+def _gradient_start(
+    network: nn.Module, images: Tensor, wanted: Sequence[int | None], config: PerturbationConfig
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Start masks ``m = 1 - map / max(map)`` from each image's gradient map (see the module
+    text), one per image (``m = 1`` where the map is zero), with the logits of the same forward
+    pass and the targets they give."""
+    x = images.detach().requires_grad_(True)
+    logits = network(x.contiguous(memory_format=torch.channels_last)).float()
+    targets = _targets(logits.detach(), wanted)
+    chosen = torch.tensor(targets, device=images.device)
+    (gradient,) = torch.autograd.grad(class_score(logits, chosen, config.objective).sum(), [x])
+    with torch.no_grad():
+        difference = images - blur(images, config)
+        change = F.relu(gradient * difference)  # first-order gain of deleting each pixel
+        cells = F.adaptive_avg_pool2d(change, config.mask_size)
+        top = cells.flatten(1).amax(dim=1).clamp_min(torch.finfo(cells.dtype).tiny)
+        return 1.0 - cells / top.view(-1, 1, 1, 1), logits.detach(), targets
 
 
 def _network_device(network: nn.Module) -> torch.device:
@@ -321,19 +432,27 @@ def _to_channels_last(module: nn.Module) -> None:
 
 
 class Explainer:
-    """Meaningful-perturbation maps for one network; build once, call :meth:`explain` per image.
+    """Meaningful-perturbation maps for one network; build once, call :meth:`explain` per image
+    or :meth:`explain_batch` for several.
 
     Holds a private copy of ``network`` (a snapshot: later changes to ``network`` are not seen)
     in eval mode, without parameter gradients, with 4-D weights in channels-last layout, which
     makes the gradient passes through the FPAEs' thin full-resolution convolutions about 20 %
-    cheaper on CPU.  The caller's network is never modified.
+    cheaper on CPU.  The caller's network is never modified.  ``temperature`` is the
+    calibration of the reported probabilities (``softmax(logits / T)``); it does not change
+    the maps.
     """
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, temperature: float = 1.0) -> None:
         if not isinstance(network, nn.Module):
             raise TypeError(f"network must be a torch nn.Module, not {type(network).__name__}")
+        if not (isinstance(temperature, int | float) and math.isfinite(temperature)):
+            raise TypeError(f"temperature must be a number, not {temperature!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, not {temperature}")
         self.network = copy.deepcopy(network).eval().requires_grad_(False)
         self.device = _network_device(self.network)
+        self.temperature = float(temperature)
         if self.device.type == "cpu":
             _to_channels_last(self.network)
 
@@ -346,32 +465,66 @@ class Explainer:
         output_size: tuple[int, int] | None = None,
     ) -> Explanation:
         """Attribution map of the ``target`` class for ``image``; see :func:`explain`."""
+        return self.explain_batch([image], [target], config, output_size=output_size)[0]
+
+    def explain_batch(
+        self,
+        images: Sequence[Tensor | NDArray[np.floating]],
+        targets: Sequence[int | None] | None = None,
+        config: PerturbationConfig | None = None,
+        *,
+        output_size: tuple[int, int] | None = None,
+    ) -> list[Explanation]:
+        """Attribution maps of several images of one size, optimised together in batches; each
+        map is the one :meth:`explain` gives for its image alone."""
         start = time.perf_counter()
         config = PerturbationConfig() if config is None else config
         if not isinstance(config, PerturbationConfig):
             raise TypeError(f"config must be a PerturbationConfig, not {type(config).__name__}")
-        batch = _as_batch(image).to(self.device)
+        if not len(images):
+            raise ValueError("no images to explain")
+        wanted = [None] * len(images) if targets is None else list(targets)
+        if len(wanted) != len(images):
+            raise ValueError(f"{len(images)} images but {len(wanted)} targets")
+        checked = [_as_batch(image) for image in images]
+        sizes = sorted({tuple(image.shape[-2:]) for image in checked})
+        if len(sizes) > 1:
+            raise ValueError(f"explain_batch needs images of one size, got {sizes}")
+        batch = torch.cat(checked).to(self.device)
         out_hw = tuple(batch.shape[-2:]) if output_size is None else tuple(output_size)
         if len(out_hw) != 2 or min(out_hw) < 1:
             raise ValueError(f"output_size must be (height, width) > 0, not {output_size!r}")
         with torch.inference_mode(False), torch.enable_grad():
-            mask, chosen, initial, final = _optimise(self.network, batch, target, config)
+            found = _optimise(self.network, batch, wanted, config, self.temperature)
+        masks, chosen, before, after, steps = found
         with torch.no_grad():
-            heatmap = 1.0 - _upsample(mask, (int(out_hw[0]), int(out_hw[1])))
+            heatmaps = 1.0 - _upsample(masks, (int(out_hw[0]), int(out_hw[1])))
+            p_before = F.softmax(before / self.temperature, dim=1)
+            p_after = F.softmax(after / self.temperature, dim=1)
         seconds = time.perf_counter() - start
-        logger.debug(
-            "explained class %d: p %.4f -> %.4f in %d iterations, %.2f s",
-            chosen, initial, final, config.iterations, seconds,
-        )  # fmt: skip
-        return Explanation(
-            heatmap=heatmap[0, 0].clamp(0.0, 1.0).cpu().numpy().astype(np.float32),
-            mask=mask[0, 0].cpu().numpy().astype(np.float32),
-            target=chosen,
-            initial_probability=initial,
-            final_probability=final,
-            iterations=config.iterations,
-            seconds=seconds,
-        )
+        explanations = []
+        for row, target in enumerate(chosen):
+            probability_before = float(p_before[row, target])
+            probability_after = float(p_after[row, target])
+            informative = probability_after <= (1.0 - config.min_drop) * probability_before
+            logger.debug(
+                "explained class %d: p %.4f -> %.4f (%s) in %d iterations",
+                target, probability_before, probability_after,
+                "informative" if informative else "not informative", config.iterations,
+            )  # fmt: skip
+            explanations.append(
+                Explanation(
+                    heatmap=heatmaps[row, 0].clamp(0.0, 1.0).cpu().numpy().astype(np.float32),
+                    mask=masks[row, 0].cpu().numpy().astype(np.float32),
+                    target=target,
+                    probability_before=probability_before,
+                    probability_after=probability_after,
+                    informative=informative,
+                    iterations=steps[row],
+                    seconds=seconds,
+                )
+            )
+        return explanations
 
 
 def explain(
@@ -381,59 +534,128 @@ def explain(
     config: PerturbationConfig | None = None,
     *,
     output_size: tuple[int, int] | None = None,
+    temperature: float = 1.0,
 ) -> Explanation:
     """Attribution map of ``network``'s ``target`` class for ``image`` (meaningful perturbation).
 
     ``image`` is the model input, ``1 x H x W`` or ``1 x 1 x H x W`` in [0, 1];
     ``target`` defaults to the predicted class; ``config`` to the paper's setting (the
-    ``default`` preset); ``output_size`` (H, W) of the heatmap defaults to the image's.
-    ``network`` is not modified (a private copy runs, in eval mode).  For many images build one
-    :class:`Explainer` instead.  Raises ``ValueError``/``TypeError`` on bad input.
+    ``default`` preset); ``output_size`` (H, W) of the heatmap defaults to the image's;
+    ``temperature`` calibrates the reported probabilities.  ``network`` is not modified (a
+    private copy runs, in eval mode).  For many images build one :class:`Explainer` instead.
+    Raises ``ValueError``/``TypeError`` on bad input.
     """
-    return Explainer(network).explain(image, target, config, output_size=output_size)
+    return Explainer(network, temperature).explain(image, target, config, output_size=output_size)
+
+
+def _targets(logits: Tensor, wanted: Sequence[int | None]) -> list[int]:
+    """The class to explain per image: as given, or the predicted one."""
+    classes = int(logits.shape[1])
+    chosen = []
+    for row, target in enumerate(wanted):
+        if target is None:
+            chosen.append(int(logits[row].argmax()))
+        elif isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < classes:
+            raise ValueError(f"target must be a class index in [0, {classes}), not {target!r}")
+        else:
+            chosen.append(target)
+    return chosen
 
 
 def _optimise(
-    network: nn.Module, image: Tensor, target: int | None, config: PerturbationConfig
-) -> tuple[Tensor, int, float, float]:
-    """Run the mask optimisation; returns ``(best mask 1x1xmxm, target, p before, p after)``."""
-    with torch.no_grad():
-        probabilities = F.softmax(network(image), dim=1)[0]
-    classes = int(probabilities.numel())
-    if target is None:
-        target = int(probabilities.argmax())
-    elif isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < classes:
-        raise ValueError(f"target must be a class index in [0, {classes}), not {target!r}")
-    initial = float(probabilities[target])
-
-    full_hw = (int(image.shape[-2]), int(image.shape[-1]))
+    network: nn.Module,
+    images: Tensor,
+    wanted: Sequence[int | None],
+    config: PerturbationConfig,
+    temperature: float = 1.0,
+) -> tuple[Tensor, list[int], Tensor, Tensor, list[int]]:
+    """Run the mask optimisation for a batch; returns ``(best masks B x 1 x m x m, targets,
+    logits before, logits after, Adam steps taken)``, both logits at the images' own size."""
+    full_hw = (int(images.shape[-2]), int(images.shape[-1]))
     work_hw = _work_shape(full_hw, config.work_size)
-    work = _Objective(network, _resize(image, work_hw), target, config)
-    generator = torch.Generator(device=image.device).manual_seed(config.seed)
-    side = config.mask_size
-    mask = torch.ones(config.restarts, 1, side, side, device=image.device)
-    if config.restarts > 1:
-        start = torch.rand(
-            config.restarts - 1, 1, side, side, generator=generator, device=image.device
-        )
-        mask[1:] = 0.5 + 0.5 * start
-    mask.requires_grad_(True)
+    work_images = _resize(images, work_hw)
+    side, repeat, count = config.mask_size, config.restarts, int(images.shape[0])
+    start: Tensor | None = None
+    if config.warm_start == "gradient" and work_hw == full_hw:  # one forward pass for both
+        start, before, targets = _gradient_start(network, images, wanted, config)
+    else:
+        with torch.no_grad():
+            before = network(images).float()
+        targets = _targets(before, wanted)
+        if config.warm_start == "gradient":
+            start, _, _ = _gradient_start(network, work_images, targets, config)
+    target_tensor = torch.tensor(targets, device=images.device)
+    work = _Objective(network, work_images, target_tensor, config)
+    # One generator per image, all seeded alike: an image draws the same noise and random
+    # starts in a batch as alone.
+    generators = [
+        torch.Generator(device=images.device).manual_seed(config.seed) for _ in range(count)
+    ]
+
+    def draw(shape: tuple[int, ...], uniform: bool) -> Tensor:
+        sample = torch.rand if uniform else torch.randn
+        parts = [sample(shape, generator=g, device=images.device) for g in generators]
+        return torch.cat(parts)
+
+    mask = torch.ones(count * repeat, 1, side, side, device=images.device)
+    if start is not None:
+        mask = start.repeat_interleave(repeat, dim=0)
+    if repeat > 1:  # restart 0 of each image keeps its start, the others start at random
+        randoms = draw((1, repeat - 1, side, side), uniform=True)
+        mask.view(count, repeat, side, side)[:, 1:] = 0.5 + 0.5 * randoms
+    mask = mask.detach().requires_grad_(True)
     optimizer = torch.optim.Adam([mask], lr=config.lr)
-    noise_shape = (config.restarts, 1, *work_hw)
+    if config.stop_when_informative:
+        return _optimise_until_informative(work, mask, optimizer, before, config, temperature)
     for _ in range(config.iterations):
         noise = None
         if config.noise_std > 0:
-            noise = torch.randn(noise_shape, generator=generator, device=image.device)
-            noise.mul_(config.noise_std)
+            noise = draw((repeat, 1, *work_hw), uniform=False).mul_(config.noise_std)
         objective, _ = work.terms(mask, noise)
         (mask.grad,) = torch.autograd.grad(objective.sum(), [mask])
         optimizer.step()
         with torch.no_grad():
             mask.clamp_(0.0, 1.0)
 
-    # Judge the restarts, and report the probability, at the image's own size without noise.
+    # Judge the restarts, and report the probability, at the images' own size without noise.
     with torch.no_grad():
-        full = work if work_hw == full_hw else _Objective(network, image, target, config)
-        objective, probability = full.terms(mask.detach())
-        best = int(objective.argmin())
-    return mask.detach()[best : best + 1], target, initial, float(probability[best])
+        full = work if work_hw == full_hw else _Objective(network, images, target_tensor, config)
+        objective, logits = full.terms(mask.detach())
+        rows = torch.arange(count, device=images.device) * repeat
+        best = objective.view(count, repeat).argmin(dim=1) + rows
+    return mask.detach()[best], targets, before, logits.float()[best], [config.iterations] * count
+
+
+def _optimise_until_informative(
+    work: _Objective,
+    mask: Tensor,
+    optimizer: torch.optim.Optimizer,
+    before: Tensor,
+    config: PerturbationConfig,
+    temperature: float,
+) -> tuple[Tensor, list[int], Tensor, Tensor, list[int]]:
+    """Adam steps until each image's mask is informative (after at least ``min_iterations``
+    steps) or ``iterations`` steps were taken; each image keeps the first informative mask.
+    The forward pass of each step judges the mask it is given, so no pass is spent on the end.
+    (One mask per image, no noise, the images' own size: checked by the config.)"""
+    targets = work.targets
+    rows = torch.arange(len(targets), device=mask.device)
+    wanted = F.softmax(before / temperature, dim=1)[rows, targets] * (1.0 - config.min_drop)
+    kept, kept_logits = mask.detach().clone(), before.clone()
+    steps = torch.zeros(len(targets), dtype=torch.long, device=mask.device)
+    done = torch.zeros(len(targets), dtype=torch.bool, device=mask.device)
+    for step in range(config.iterations + 1):
+        objective, logits = work.terms(mask)
+        logits = logits.detach().float()
+        informative = F.softmax(logits / temperature, dim=1)[rows, targets] <= wanted
+        last = step == config.iterations
+        take = ~done & ((informative & (step >= config.min_iterations)) | last)
+        kept[take], kept_logits[take], steps[take] = mask.detach()[take], logits[take], step
+        done |= take
+        if bool(done.all()):
+            break
+        (mask.grad,) = torch.autograd.grad(objective.sum(), [mask])
+        optimizer.step()
+        with torch.no_grad():
+            mask.clamp_(0.0, 1.0)
+    return kept, targets.tolist(), before, kept_logits, steps.tolist()

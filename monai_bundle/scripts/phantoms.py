@@ -104,12 +104,14 @@ MAX_SIZE = 4096
 @dataclass(frozen=True)
 class Phantom:
     """A synthetic radiograph: ``image`` float32 HxW in [0, 1] (MONOCHROME2 sense),
-    ``lesion_mask`` bool HxW (all False for ``normal``), ``label`` one of ``CLASS_NAMES``."""
+    ``lesion_mask`` bool HxW (all False for ``normal``), ``label`` one of ``CLASS_NAMES``,
+    ``lung_mask`` bool HxW, the two lung fields (heart and mediastinum cut out)."""
 
     image: NDArray[np.float32]
     lesion_mask: NDArray[np.bool_]
     label: str
     seed: int
+    lung_mask: NDArray[np.bool_]
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +508,8 @@ def make_phantom(label: str, size: int | tuple[int, int] = 256, seed: int = 0) -
     noise_sd = np.float32(style.uniform(0.006, 0.016))
     image = image + noise_sd * style.standard_normal(shape, dtype=np.float32)
     final: NDArray[np.float32] = np.clip(image, 0.0, 1.0).astype(np.float32)
-    return Phantom(image=final, lesion_mask=mask, label=label, seed=seed)
+    lungs = (anatomy.right_lung + anatomy.left_lung) >= 0.5
+    return Phantom(image=final, lesion_mask=mask, label=label, seed=seed, lung_mask=lungs)
 
 
 def write_png(phantom: Phantom, path: str | Path, bit_depth: Literal[8, 16] = 8) -> Path:

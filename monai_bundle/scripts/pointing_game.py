@@ -2,11 +2,15 @@
 
 For each pneumonia and COVID-19 phantom (``phantoms.make_phantom``; synthetic, not clinical) the
 map of the TRUE class is computed, and a hit is scored when the map's maximum lies inside the
-lesion mask grown by ``tolerance`` pixels (Chebyshev distance; 0 = strictly inside).  Plateaus of
-equal maxima (a saturated mask) are resolved by the highest local mean over a window of three
-mask cells.  Two references are printed next to each mode: the image centre as the pointing
-location, and chance, the expected hit rate of a uniformly random point (the grown lesion's area
-fraction).
+lesion mask grown by ``tolerance`` pixels (Chebyshev distance; 0 = strictly inside) AND the map
+is informative (deleting it lowers the class's probability by the stated share,
+:mod:`.attribution`): a blank or powerless map is a miss.  Plateaus of equal maxima (a saturated
+mask) are resolved by the highest local mean over a window of three mask cells.
+
+The reference is a random point inside the lung fields: its expected hit rate is the share of
+the lung fields inside the grown lesion (the lesions lie in the lungs, so this is the rate a
+map that only knows where the lungs are would reach).  The deletion AUC (:mod:`.deletion`,
+lower is better) of every map is reported beside it.
 
     python -m monai_bundle.scripts.pointing_game --weights monai_bundle/models/model.pt \\
         --n 20 --size 128 --mode both --json pointing.json --png pointing.png
@@ -29,8 +33,9 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
-from .attribution import PerturbationConfig, explain, load_presets
+from .attribution import Explainer, PerturbationConfig, load_presets
 from .classes import CLASS_NAMES, LESION_CLASSES
+from .deletion import deletion_auc
 from .networks import CoroNet, load_coronet_weights
 from .phantoms import Phantom, make_phantom
 from .preprocessing import resize_image
@@ -72,7 +77,8 @@ def model_phantom(
         return phantom
     image = resize_image(phantom.image, size)
     mask = resize_image(phantom.lesion_mask.astype(np.float32), size) >= 0.5
-    return dataclasses.replace(phantom, image=image, lesion_mask=mask)
+    lungs = resize_image(phantom.lung_mask.astype(np.float32), size) >= 0.5
+    return dataclasses.replace(phantom, image=image, lesion_mask=mask, lung_mask=lungs)
 
 
 def grow(mask: NDArray[np.bool_], tolerance: int) -> NDArray[np.bool_]:
@@ -91,13 +97,15 @@ class Trial:
     label: str
     seed: int
     mode: str
-    hit: bool
-    centre_hit: bool
-    chance: float
+    hit: bool  # the peak is in the grown lesion and the map is informative
+    peak_in_lesion: bool
+    informative: bool
+    lung_baseline: float  # hit rate of a random point in the lung fields
+    deletion_auc: float
     peak: tuple[int, int]
     predicted: str
-    initial_probability: float
-    final_probability: float
+    probability_before: float
+    probability_after: float
     seconds: float
 
 
@@ -108,11 +116,11 @@ class Summary:
     mode: str
     n: int
     hit_rate: float
-    centre_rate: float
-    chance: float
+    lung_baseline: float
+    deletion_auc: float
+    informative_rate: float
     per_class: dict[str, float] = field(default_factory=dict)
     mean_seconds: float = 0.0
-    mean_probability_drop: float = 0.0
     accuracy: float = 0.0
 
 
@@ -130,55 +138,66 @@ def summarise(trials: Sequence[Trial], mode: str) -> Summary:
         mode=mode,
         n=len(rows),
         hit_rate=float(np.mean([t.hit for t in rows])),
-        centre_rate=float(np.mean([t.centre_hit for t in rows])),
-        chance=float(np.mean([t.chance for t in rows])),
+        lung_baseline=float(np.mean([t.lung_baseline for t in rows])),
+        deletion_auc=float(np.mean([t.deletion_auc for t in rows])),
+        informative_rate=float(np.mean([t.informative for t in rows])),
         per_class=per_class,
         mean_seconds=float(np.mean([t.seconds for t in rows])),
-        mean_probability_drop=float(
-            np.mean([t.initial_probability - t.final_probability for t in rows])
-        ),
         accuracy=float(np.mean([t.predicted == t.label for t in rows])),
     )
 
 
+def lung_baseline(phantom: Phantom, lesion: NDArray[np.bool_]) -> float:
+    """Hit rate of a uniformly random point inside the lung fields: the share of the lung
+    fields that lies in ``lesion`` (the grown lesion mask)."""
+    lungs = phantom.lung_mask
+    if not lungs.any():
+        raise ValueError(f"phantom {phantom.seed} has no lung fields")
+    return float((lesion & lungs).sum() / lungs.sum())
+
+
 def play(
-    network: CoroNet,
+    explainer: Explainer,
     phantom: Phantom,
     mode: str,
     config: PerturbationConfig,
     tolerance: int,
 ) -> tuple[Trial, NDArray[np.float32]]:
     """Explain one phantom's true class and score the map; returns the trial and the heatmap."""
+    network = explainer.network
     image = torch.from_numpy(phantom.image)[None]
     target = CLASS_NAMES.index(phantom.label)
-    explanation = explain(network, image, target=target, config=config)
+    explanation = explainer.explain(image, target=target, config=config)
     with torch.no_grad():
-        predicted = CLASS_NAMES[int(network(image[None]).argmax())]
+        predicted = CLASS_NAMES[int(network(image[None].to(explainer.device)).argmax())]
     lesion = grow(phantom.lesion_mask, tolerance)
     peak = heatmap_peak(explanation.heatmap, config.mask_size)
-    centre = (lesion.shape[0] // 2, lesion.shape[1] // 2)
     trial = Trial(
         label=phantom.label,
         seed=phantom.seed,
         mode=mode,
-        hit=bool(lesion[peak]),
-        centre_hit=bool(lesion[centre]),
-        chance=float(lesion.mean()),
+        hit=bool(lesion[peak]) and explanation.informative,
+        peak_in_lesion=bool(lesion[peak]),
+        informative=explanation.informative,
+        lung_baseline=lung_baseline(phantom, lesion),
+        deletion_auc=deletion_auc(
+            network, phantom.image, explanation.heatmap, target, temperature=explainer.temperature
+        ),
         peak=peak,
         predicted=predicted,
-        initial_probability=explanation.initial_probability,
-        final_probability=explanation.final_probability,
+        probability_before=explanation.probability_before,
+        probability_after=explanation.probability_after,
         seconds=explanation.seconds,
     )
     return trial, explanation.heatmap
 
 
 def format_table(summaries: Sequence[Summary], tolerance: int, size: int) -> str:
-    """Hit rates (%) per mode and class, with the centre and chance references."""
+    """Hit rates (%) per mode and class, with the lung-field reference and the deletion AUC."""
     header = (
         f"{'mode':<8} {'n':>4} {'hit %':>6} "
         + " ".join(f"{label + ' %':>12}" for label in LESION_CLASSES)
-        + f" {'centre %':>9} {'chance %':>9} {'s/image':>8} {'p drop':>7} {'acc %':>6}"
+        + f" {'lung %':>7} {'del AUC':>8} {'inform %':>9} {'s/image':>8} {'acc %':>6}"
     )
     lines = [f"pointing game, {size} px, tolerance {tolerance} px", header, "-" * len(header)]
     for s in summaries:
@@ -187,9 +206,9 @@ def format_table(summaries: Sequence[Summary], tolerance: int, size: int) -> str
             for c in LESION_CLASSES
         )
         lines.append(
-            f"{s.mode:<8} {s.n:>4} {100 * s.hit_rate:6.1f} {per_class} {100 * s.centre_rate:9.1f} "
-            f"{100 * s.chance:9.1f} {s.mean_seconds:8.2f} {s.mean_probability_drop:7.3f} "
-            f"{100 * s.accuracy:6.1f}"
+            f"{s.mode:<8} {s.n:>4} {100 * s.hit_rate:6.1f} {per_class} "
+            f"{100 * s.lung_baseline:7.1f} {s.deletion_auc:8.3f} {100 * s.informative_rate:9.1f} "
+            f"{s.mean_seconds:8.2f} {100 * s.accuracy:6.1f}"
         )
     return "\n".join(lines)
 
@@ -223,8 +242,8 @@ def save_grid(
             ax.plot(trial.peak[1], trial.peak[0], marker="+", color="white", markersize=12)
             verdict = "hit" if trial.hit else "miss"
             ax.set_title(
-                f"{mode}: {verdict}, p {trial.initial_probability:.2f}->"
-                f"{trial.final_probability:.2f}, {trial.seconds:.1f} s",
+                f"{mode}: {verdict}, p {trial.probability_before:.2f}->"
+                f"{trial.probability_after:.2f}, {trial.seconds:.1f} s",
                 fontsize=8,
             )
         for ax in axes[row]:
@@ -251,12 +270,13 @@ def run(
     trials: list[Trial] = []
     examples: list[tuple[Phantom, dict[str, tuple[Trial, NDArray[np.float32]]]]] = []
     jobs = [(label, seed_offset + i) for label in LESION_CLASSES for i in range(n)]
+    explainer = Explainer(network)
     bar = tqdm(total=len(jobs) * len(modes), desc="pointing game", disable=not progress)
     for label, seed in jobs:
         phantom = model_phantom(label, size, seed, phantom_size)
         maps: dict[str, tuple[Trial, NDArray[np.float32]]] = {}
         for mode in modes:
-            trial, heatmap = play(network, phantom, mode, MODES[mode], tolerance)
+            trial, heatmap = play(explainer, phantom, mode, MODES[mode], tolerance)
             trials.append(trial)
             maps[mode] = (trial, heatmap)
             bar.set_postfix(mode=mode, hit=trial.hit, s=f"{trial.seconds:.1f}")
