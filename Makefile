@@ -7,9 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := redis-server dcmtk dicom3tools orthanc orthanc-dicomweb openssl \
-	curl chromium chromium-driver iproute2 util-linux
+	curl chromium chromium-driver iproute2 util-linux tesseract-ocr
 DEB_TOOLS := redis-server redis-cli storescu echoscu storescp dsr2html dciodvfy dcentvfy Orthanc \
-	openssl curl chromium chromedriver ip unshare
+	openssl curl chromium chromedriver ip unshare tesseract
 DEB_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 # The OHIF viewer of the viewer tests (tests/viewer/): the npm tarball of @ohif/app ships a
 # prebuilt dist/, unpacked into a cache folder outside the repository; nothing is built.

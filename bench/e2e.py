@@ -24,7 +24,7 @@ own per-task timings give the cost of a study in each mode.
 
 ``--batch-sizes``: the worker's engine alone (no node): the per-image cost of pre-processing
 and classifying ``--n`` phantoms in batches of each size (``Engine.prepare_many`` and
-``predict_many``, one forward pass per batch), against batches of one, on the CPU.
+``assess_many``, one forward pass per batch), against batches of one, on the CPU.
 
 Prints p50/p95 latency and throughput per run and the scaling ratio against the first run.
 Without ``--threads`` the torch threads of each process are the cores divided by the pool size.
@@ -346,7 +346,7 @@ def batch_costs(sizes: Sequence[int], n: int, threads: int | None) -> None:
     pixels = [
         make_phantom(CLASS_NAMES[i % len(CLASS_NAMES)], size=256, seed=i).image for i in range(n)
     ]
-    engine.predict_many(engine.prepare_many(pixels[:2]))  # warm-up
+    engine.assess_many(engine.prepare_many(pixels[:2]))  # warm-up
     print()
     print(
         f"engine per image, {n} phantoms 256 px -> {engine.image_size} px, CPU, "
@@ -363,7 +363,7 @@ def batch_costs(sizes: Sequence[int], n: int, threads: int | None) -> None:
                 t0 = time.perf_counter()
                 images = engine.prepare_many(chunk)
                 t1 = time.perf_counter()
-                engine.predict_many(images)
+                engine.assess_many(images)
                 forward += time.perf_counter() - t1
                 prepare += t1 - t0
             passes.append((prepare / n, forward / n))

@@ -1,4 +1,8 @@
-"""``coronet infer``: offline inference on DICOM files, with the shipped demo weights."""
+"""``coronet infer``: offline inference on DICOM files, with the shipped demo weights.
+
+The demo weights assess synthetic phantoms (what they were trained on) and refuse real
+radiographs such as pydicom-data's RG1: both are checked here.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicom_node.cli import main
+from tests.support.dicom_data import phantom_cr
 from tests.support.dicom_tools import dciodvfy
 from worker.results.sr import read_sr
 
@@ -29,57 +34,73 @@ def infer(*args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def fast_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One run with the fast heatmap on the real chest CR, shared by the checks below."""
+def chest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A COVID-19 phantom as a CR frontal chest."""
+    path = tmp_path_factory.mktemp("source") / "chest.dcm"
+    phantom_cr(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory: pytest.TempPathFactory, chest: Path) -> Path:
+    """One run with the fast heatmap on the phantom, shared by the checks below."""
     out = tmp_path_factory.mktemp("infer")
-    assert infer(str(rg1()), "--out", str(out), "--fast", "--png") == 0
+    assert infer(str(chest), "--out", str(out), "--fast", "--png") == 0
     return out
 
 
 def test_infer_writes_sr_sc_json_and_png(fast_run: Path) -> None:
     names = sorted(p.name for p in fast_run.iterdir())
-    assert names == ["RG1_UNCR.json", "RG1_UNCR.png", "RG1_UNCR.sc.dcm", "RG1_UNCR.sr.dcm"]
-    record = json.loads((fast_run / "RG1_UNCR.json").read_text())
+    assert names == ["chest.json", "chest.png", "chest.sc.dcm", "chest.sr.dcm"]
+    record = json.loads((fast_run / "chest.json").read_text())
     assert set(record["probabilities"]) == {"normal", "pneumonia", "COVID-19"}
     assert abs(sum(record["probabilities"].values()) - 1) < 1e-5
     assert record["predicted"] == max(record["probabilities"], key=record["probabilities"].get)
+    assert record["predicted"] == "COVID-19"
     assert "demo" in record["model_version"]
     assert {"inference_s", "heatmap_s", "total_s"} <= set(record["timings_s"])
+    assert record["gate"]["accepted"] is True and record["gate"]["score"] <= 1
+    attribution = record["attribution"]
+    assert attribution["class"] == "COVID-19" and attribution["informative"] is True
+    before, after = (attribution[f"target_probability_{w}"] for w in ("before", "after"))
+    assert before == pytest.approx(record["probabilities"]["COVID-19"], abs=1e-5)
+    assert after <= before / 2
 
 
 @pytest.mark.parametrize("suffix", ["sr.dcm", "sc.dcm"])
 def test_infer_objects_pass_dciodvfy(fast_run: Path, suffix: str) -> None:
-    report = dciodvfy(fast_run / f"RG1_UNCR.{suffix}")
+    report = dciodvfy(fast_run / f"chest.{suffix}")
     assert not report.errors, report.output
 
 
-def test_sr_matches_json_and_references_sc(fast_run: Path) -> None:
-    record = json.loads((fast_run / "RG1_UNCR.json").read_text())
-    summary = read_sr(pydicom.dcmread(fast_run / "RG1_UNCR.sr.dcm"))
-    sc = pydicom.dcmread(fast_run / "RG1_UNCR.sc.dcm")
+def test_sr_matches_json_and_references_sc(fast_run: Path, chest: Path) -> None:
+    record = json.loads((fast_run / "chest.json").read_text())
+    summary = read_sr(pydicom.dcmread(fast_run / "chest.sr.dcm"))
+    sc = pydicom.dcmread(fast_run / "chest.sc.dcm")
     assert summary.predicted == record["predicted"]
     for name, p in record["probabilities"].items():
         assert summary.probabilities[name] == pytest.approx(p, abs=1e-6)
     assert summary.heatmap_sop_instance_uid == sc.SOPInstanceUID
-    assert summary.source_sop_instance_uid == pydicom.dcmread(rg1()).SOPInstanceUID
+    assert summary.source_sop_instance_uid == pydicom.dcmread(chest).SOPInstanceUID
+    assert summary.comments[1:] == ("Trained on synthetic phantoms, not patient data",)
 
 
-def test_infer_matches_bundle_inference_without_heatmap(tmp_path: Path) -> None:
-    """Same preprocessing and network as the bundle: both encodings agree to 1e-4."""
-    assert (
-        infer(
-            str(rg1("RG1_UNCR.dcm")),
-            str(rg1("RG1_J2KR.dcm")),
-            "--out",
-            str(tmp_path),
-            "--no-heatmap",
-        )
-        == 0
+def test_the_real_radiograph_is_not_evaluated_by_the_demo_weights(tmp_path: Path) -> None:
+    """RG1 in two encodings: both refused by the gate, with the same signals to 1e-3 (one
+    decoding, one pre-processing)."""
+    argv = [str(rg1("RG1_UNCR.dcm")), str(rg1("RG1_J2KR.dcm")), "--out", str(tmp_path)]
+    assert infer(*argv) == 0
+    a = json.loads((tmp_path / "RG1_UNCR.json").read_text())
+    b = json.loads((tmp_path / "RG1_J2KR.json").read_text())
+    for record in (a, b):
+        assert record["predicted"] is None and record["gate"]["accepted"] is False
+        assert "image unlike the data the model was trained on" in record["unassessable_reasons"][0]
+    assert all(
+        abs(a["gate"]["signals"][k] - b["gate"]["signals"][k]) < 1e-3 * max(1.0, abs(v))
+        for k, v in a["gate"]["signals"].items()
     )
-    a = json.loads((tmp_path / "RG1_UNCR.json").read_text())["probabilities"]
-    b = json.loads((tmp_path / "RG1_J2KR.json").read_text())["probabilities"]
-    assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
     assert not list(tmp_path.glob("*.sc.dcm"))
+    assert not dciodvfy(tmp_path / "RG1_UNCR.sr.dcm").errors
 
 
 def _ct_copy(folder: Path) -> Path:
@@ -145,3 +166,22 @@ def test_a_folder_names_each_skipped_file_and_the_exit_status_says_it_failed(
 
 def test_no_inputs(tmp_path: Path) -> None:
     assert infer(str(tmp_path), "--out", str(tmp_path / "out")) == 1
+
+
+def test_a_child_is_not_evaluated_and_a_missing_age_is_allowed(tmp_path: Path) -> None:
+    """The model card's age limit (the bundle's ``minimum_age_years``, 18): a stated age of 12
+    is refused before the model runs; the same image without an age is assessed."""
+    child, unknown = tmp_path / "child.dcm", tmp_path / "unknown.dcm"
+    phantom_cr(child, PatientAge="012Y")
+    phantom_cr(unknown, PatientAge=None, PatientBirthDate=None)
+    out = tmp_path / "out"
+    assert infer(str(child), str(unknown), "--out", str(out), "--no-heatmap") == 0
+    refused = json.loads((out / "child.json").read_text())
+    assert refused["predicted"] is None and "gate" not in refused
+    assert refused["unassessable_reasons"] == [
+        "patient age 12.0 years is below the model's minimum of 18 years"
+    ]
+    assert json.loads((out / "unknown.json").read_text())["predicted"] == "COVID-19"
+    summary = read_sr(pydicom.dcmread(out / "child.sr.dcm"))
+    assert list(summary.unassessable_reasons) == refused["unassessable_reasons"]
+    assert not dciodvfy(out / "child.sr.dcm").errors

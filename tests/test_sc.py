@@ -21,10 +21,10 @@ from dicom_node.core.errors import ResultError
 from dicom_node.core.settings import ResultSettings
 from monai_bundle.scripts.dicom_image import load_dicom_image
 from monai_bundle.scripts.phantoms import make_phantom, phantom_dataset
-from tests.support.dicom_tools import dcentvfy, dciodvfy, storescu
+from tests.support.dicom_tools import dcentvfy, dciodvfy, ocr, storescu
 from tests.support.orthanc import running_orthanc
 from worker.results import equipment
-from worker.results.outcome import AlgorithmInfo, Prediction
+from worker.results.outcome import AlgorithmInfo, Attribution, Prediction
 from worker.results.render import (
     AI_NOTICE,
     MAX_LONG_SIDE,
@@ -34,7 +34,7 @@ from worker.results.render import (
     render_overlay,
     save_png,
 )
-from worker.results.sc import build_sc
+from worker.results.sc import build_sc, caption_remarks
 from worker.results.sr import build_sr, read_sr
 from worker.results.uids import KIND_SC, KIND_SC_SERIES, derived_uid, series_uid
 
@@ -284,6 +284,42 @@ def test_burned_in_text_stays_in_the_middle_of_a_band_below_the_image() -> None:
     width = rgb.shape[1]
     margin = (1.0 - TEXT_WIDTH) / 2 * width
     assert text[:, 1].min() >= margin - 1 and text[:, 1].max() <= width - margin + 1
+
+
+def test_the_caption_says_demo_weights_and_a_powerless_map_in_words_a_reader_can_read(
+    tmp_path: Path,
+) -> None:
+    """The burned-in text read back by OCR (Tesseract), as a person reads it: the demo
+    weights' caveat and a map whose deletion did not lower the class enough."""
+    algorithm = AlgorithmInfo(
+        "CoroNet",
+        MODEL_VERSION,
+        "ab" * 32,
+        caveat="trained on synthetic phantoms, not patient data",
+    )
+    powerless = Attribution("COVID-19", 0.8, 0.7, informative=False)
+    source = _phantom_dx()
+    sc = _build(source, algorithm=algorithm, attribution=powerless)
+    rows, _ = output_shape(source.Rows, source.Columns)
+    band = sc.pixel_array[rows:]  # the caption band: everything below the image
+    picture = tmp_path / "band.png"
+    Image.fromarray(band).resize((band.shape[1] * 2, band.shape[0] * 2)).save(picture)
+    text = " ".join(ocr(picture).split()).lower()
+    assert "trained on synthetic phantoms, not patient data" in text, text
+    assert "heatmap not informative" in text, text
+    assert "attribution map - not for diagnostic use" in text, text
+
+
+def test_caption_remarks_put_warnings_in_yellow_and_an_informative_map_in_white() -> None:
+    algorithm = AlgorithmInfo("CoroNet", MODEL_VERSION, "ab" * 32, caveat="demo only")
+    good = Attribution("COVID-19", 0.9, 0.01, informative=True)
+    assert caption_remarks(algorithm, good) == (["Demo only"], [good.describe()])
+    bad = Attribution("COVID-19", 0.9, 0.8, informative=False)
+    assert caption_remarks(ALGORITHM, bad) == ([bad.describe()], [])
+    assert (
+        bad.describe()
+        == "heatmap NOT informative: deleting it takes COVID-19 from 90.00 % to 80.00 %"
+    )
 
 
 def test_notice_is_a_constant_of_the_module() -> None:

@@ -26,7 +26,7 @@ from monai_bundle.scripts.phantoms import Modality, make_phantom, phantom_datase
 from tests.support.dicom_tools import dciodvfy, dsr2html, html_to_text, storescu
 from tests.support.orthanc import running_orthanc
 from worker.results import equipment
-from worker.results.outcome import AlgorithmInfo, Prediction, Unassessable
+from worker.results.outcome import AlgorithmInfo, Attribution, Prediction, Unassessable
 from worker.results.region import image_centre
 from worker.results.sr import (
     AI_NOTICE,
@@ -433,6 +433,55 @@ def test_not_evaluated_group_has_no_probability_but_a_drawable_count() -> None:
     summary = read_sr(sr)
     assert summary.region == image_centre(source.Rows, source.Columns)
     assert summary.probabilities == {}
+
+
+CAVEAT = "trained on synthetic phantoms, not patient data"
+
+
+@pytest.mark.parametrize("informative", [True, False])
+def test_a_powerless_heatmap_and_the_caveat_are_one_comment_a_viewer_shows(
+    tmp_path: Path, informative: bool
+) -> None:
+    """With the notice, one more Comment: OHIF 3.13 draws five lines, three are probabilities."""
+    source = _phantom_source("COVID-19")
+    algorithm = dataclasses.replace(ALGORITHM, caveat=CAVEAT)
+    attribution = Attribution("COVID-19", 0.9, 0.01 if informative else 0.8, informative)
+    sr = build_sr(
+        source,
+        _prediction((0.05, 0.05, 0.9)),
+        algorithm,
+        series_number=SERIES_NUMBER,
+        series_description=SERIES_DESCRIPTION,
+        attribution=attribution,
+    )
+    assert sr is not None
+    comments = list(read_sr(sr).comments)
+    warning = "" if informative else "Heatmap NOT informative; t"
+    assert comments == [
+        f"{AI_NOTICE}; predicted: COVID-19",
+        f"{warning or 'T'}rained on synthetic phantoms, not patient data",
+    ]
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert not dciodvfy(path).errors, dciodvfy(path)
+
+
+def test_a_not_evaluated_sr_says_the_caveat_before_the_reasons() -> None:
+    algorithm = dataclasses.replace(ALGORITHM, caveat=CAVEAT)
+    reason = "image unlike the data the model was trained on (gate score 3.10 > 1: layout)"
+    sr = build_sr(
+        _phantom_source("normal"),
+        Unassessable((reason,)),
+        algorithm,
+        series_number=SERIES_NUMBER,
+        series_description=SERIES_DESCRIPTION,
+    )
+    assert sr is not None
+    assert list(read_sr(sr).comments) == [
+        f"{AI_NOTICE}; not evaluated",
+        "Trained on synthetic phantoms, not patient data",
+        f"Reason: {reason}",
+    ]
 
 
 def test_unassessable_can_be_skipped() -> None:

@@ -5,7 +5,9 @@ For each input it writes, into ``--out``:
 - ``<stem>.sr.dcm``: the DICOM SR (TID 1500) with the findings, unless the image cannot be
   assessed and ``results.on_unassessable`` is ``skip``;
 - ``<stem>.sc.dcm``: the heatmap Secondary Capture (not with ``--no-heatmap``);
-- ``<stem>.json``: class, probabilities, timings and model version;
+- ``<stem>.json``: class (``null`` when the image cannot be assessed, with the reasons),
+  calibrated probabilities, the gate's signals and thresholds, what deleting the heatmap did
+  to the class's probability (``attribution``), timings and model version;
 - ``<stem>.png`` with ``--png``: the heatmap overlay as a picture.
 
 A file that is not readable DICOM is reported and skipped, with its reason; the rest go on.  A
@@ -85,6 +87,15 @@ def summary(path: Path, result: InstanceResult, engine: Engine, total_s: float) 
     else:
         record["predicted"] = None
         record["unassessable_reasons"] = list(outcome.reasons)
+    if result.verdict is not None:
+        record["gate"] = result.verdict.to_json()
+    if result.attribution is not None:
+        record["attribution"] = {
+            "class": result.attribution.class_name,
+            "target_probability_before": result.attribution.probability_before,
+            "target_probability_after": result.attribution.probability_after,
+            "informative": result.attribution.informative,
+        }
     record["timings_s"] = {**result.timings, "total_s": total_s}
     record["outputs"] = {}
     return record

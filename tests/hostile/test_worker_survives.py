@@ -36,7 +36,7 @@ from dicom_node.cli import main
 from dicom_node.core.outbox import Outbox
 from dicom_node.core.spool import Spool, key_for
 from dicom_node.core.statuses import SUCCESS
-from tests.support.dicom_data import RG1_UNCR, make_instance
+from tests.support.dicom_data import phantom_cr
 from tests.support.dicom_tools import dciodvfy
 from tests.support.hostile import (
     encoded,
@@ -250,7 +250,7 @@ def test_a_study_with_a_bomb_excess_pixel_data_and_no_series_uid_delivers_its_va
 ) -> None:
     study = generate_uid()
     valid = tmp_path / "valid.dcm"
-    make_instance(RG1_UNCR, valid, study_uid=study)
+    phantom_cr(valid, study_uid=study)  # what the demo weights assess (RG1 they refuse)
     bomb = j2k_siz_bomb(tmp_path / "bomb.dcm", study_uid=study)
     excess = excess_pixel_data(tmp_path / "excess.dcm", study_uid=study)
     no_series = without(tmp_path / "no-series.dcm", "SeriesInstanceUID", study_uid=study)

@@ -10,6 +10,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from monai_bundle.scripts.phantoms import make_phantom, phantom_dataset
+
 
 def testdata(name: str) -> Path:
     """A file of pydicom's test data (installed with pydicom-data; never downloaded)."""
@@ -74,3 +76,36 @@ def same_content(a: Path, b: Path) -> bool:
         if TRAILING_PADDING in ds:
             del ds[TRAILING_PADDING]
     return bool(first == second) and first.PixelData == second.PixelData
+
+
+#: The seed of :func:`phantom_cr`'s default phantom: far from every training and test seed.
+PHANTOM_SEED = 20_261_130
+
+
+def phantom_cr(
+    target: Path,
+    label: str = "COVID-19",
+    seed: int = PHANTOM_SEED,
+    *,
+    size: int = 512,
+    study_uid: str | None = None,
+    **attributes: Any,
+) -> Dataset:
+    """A synthetic phantom (not clinical data) as a CR frontal chest with fresh UIDs: the kind
+    of image the demo weights were trained on, so the model assesses it (a real radiograph
+    such as RG1 is refused by the demo weights' gate).  ``attributes`` change the header."""
+    ds = phantom_dataset(
+        make_phantom(label, size, seed),
+        study_uid=study_uid or generate_uid(),
+        series_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+    )
+    for keyword, value in attributes.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    return ds

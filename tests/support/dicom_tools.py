@@ -157,3 +157,8 @@ def storescu(
 def echoscu(*, port: int, called_aet: str, host: str = "127.0.0.1") -> None:
     """Verify a DICOM peer with dcmtk ``echoscu`` (C-ECHO, PS3.4 A)."""
     _run(["echoscu", "-aec", called_aet, host, str(port)], check=True)
+
+
+def ocr(image: str | Path) -> str:
+    """The text Tesseract reads in a picture (PNG), as a person would read burned-in text."""
+    return _run(["tesseract", str(image), "stdout", "--psm", "6"], check=True).stdout

@@ -82,18 +82,52 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Attribution:
+    """What the heatmap of ``class_name`` did to that class's probability: before and after
+    deleting (blurring) what the map highlights, and whether that drop makes it informative.
+    """
+
+    class_name: str
+    probability_before: float
+    probability_after: float
+    informative: bool
+
+    def __post_init__(self) -> None:
+        for name in ("probability_before", "probability_after"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                raise ResultError(f"attribution {name} is {value!r}, outside [0, 1]")
+
+    def describe(self) -> str:
+        """The map in words, e.g. for an SR comment or the SC's caption."""
+        verdict = "informative" if self.informative else "NOT informative"
+        return (
+            f"heatmap {verdict}: deleting it takes {self.class_name} from "
+            f"{percent(self.probability_before)} to {percent(self.probability_after)}"
+        )
+
+
+def percent(probability: float) -> str:
+    """A probability as the SR's viewers show it: percent with two decimals."""
+    return f"{100.0 * probability:.2f} %"
+
+
+@dataclass(frozen=True)
 class AlgorithmInfo:
     """Identification of the algorithm that produced a result (PS3.16 TID 4019).
 
     ``version`` is the model version string (e.g. ``"0.1.0+demo-phantom"``);
     ``weights_sha256`` is the lower-case hex SHA-256 of the weights file; ``parameters`` are
-    further ``name -> value`` settings worth recording (e.g. input size).
+    further ``name -> value`` settings worth recording (e.g. input size); ``caveat`` is what
+    every result of these weights must say in words (the demo weights: "trained on synthetic
+    phantoms, not patient data"), empty when nothing.
     """
 
     name: str
     version: str
     weights_sha256: str
     parameters: Mapping[str, str] = field(default_factory=dict)
+    caveat: str = ""
 
     def __post_init__(self) -> None:
         for label, value in (("name", self.name), ("version", self.version)):

@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 
 from dicom_node.core.errors import ResultError
-from worker.results.outcome import Prediction
+from worker.results.outcome import Prediction, percent
 
 __all__ = ["AI_NOTICE", "METHOD", "TEXT_WIDTH", "output_shape", "render_overlay", "save_png"]
 
@@ -52,6 +52,8 @@ MAX_ALPHA: Final = 0.6
 LEGEND_GRAY: Final = 0.5
 MIN_LONG_SIDE: Final = 512
 MAX_LONG_SIDE: Final = 1024
+_YELLOW: Final = (255, 255, 0)
+_WHITE: Final = (255, 255, 255)
 #: The share of the picture's width the caption's lines may use, centred.
 TEXT_WIDTH: Final = 0.7
 _FONT_FRACTION = 0.028  # font size as a fraction of the image width
@@ -147,10 +149,10 @@ def _text_lines(prediction: Prediction | None, model_version: str | None) -> lis
     lines: list[str] = []
     if prediction is not None:
         p = prediction.probabilities[prediction.predicted]
-        lines.append(f"Predicted: {prediction.predicted} ({_percent(p)})")
+        lines.append(f"Predicted: {prediction.predicted} ({percent(p)})")
         lines.append(
             " | ".join(
-                f"{n} {_percent(prediction.probabilities[n])}" for n in prediction.class_names
+                f"{n} {percent(prediction.probabilities[n])}" for n in prediction.class_names
             )
         )
     lines.append(f"Map: {METHOD}")
@@ -159,11 +161,6 @@ def _text_lines(prediction: Prediction | None, model_version: str | None) -> lis
         details += [f"model {model_version}"] if model_version else []
         lines.append(", ".join(details))
     return lines
-
-
-def _percent(probability: float) -> str:
-    """A probability as the SR's viewers show it: percent with two decimals."""
-    return f"{100.0 * probability:.2f} %"
 
 
 def _colour_bar(height: int, width: int, font: ImageFont.FreeTypeFont) -> Image.Image:
@@ -194,14 +191,16 @@ def render_overlay(
     *,
     shape: tuple[int, int] | None = None,
     model_version: str | None = None,
+    warnings: Sequence[str] = (),
+    notes: Sequence[str] = (),
 ) -> NDArray[np.uint8]:
     """RGB rendering (``H x W x 3`` uint8) of ``heatmap`` over the radiograph ``image``.
 
     ``image`` is float in [0, 1], MONOCHROME2 sense; ``heatmap`` is float in [0, 1] of any size
     (high = salient).  Both are resized to an image area of ``output_shape(*shape)``, at the top
     left; ``shape`` (rows, columns) gives the aspect ratio and defaults to ``image.shape``.  A
-    colour bar is added right, a caption band with :data:`AI_NOTICE`, the prediction and its
-    probabilities below.
+    colour bar is added right, a caption band below: :data:`AI_NOTICE` and the ``warnings``
+    in yellow, then the prediction, its probabilities and the ``notes`` in white.
     """
     _check_image("image", image)
     _check_image("heatmap", heatmap, _HEATMAP_TOLERANCE)
@@ -216,11 +215,12 @@ def render_overlay(
     pad = max(4, font_px // 2)
     text_width = round(total_width * TEXT_WIDTH)
     notice_font = _fitted_font([AI_NOTICE], text_width, font_px, bold=True)
-    lines = _text_lines(prediction, model_version)
-    text_font = _fitted_font(lines, text_width, font_px, bold=False)
+    lines = [*_text_lines(prediction, model_version), *notes]
+    text_font = _fitted_font([*lines, *warnings], text_width, font_px, bold=False)
     lines = _wrapped(lines, text_font, text_width)
+    warned = _wrapped(list(warnings), text_font, text_width)
     line_height = round(max(notice_font.size, text_font.size) * 1.3)
-    band_height = pad * 2 + line_height * (1 + len(lines))
+    band_height = pad * 2 + line_height * (1 + len(warned) + len(lines))
 
     canvas = Image.new("RGB", (total_width, rows + band_height), (0, 0, 0))
     canvas.paste(body, (0, 0))
@@ -229,10 +229,11 @@ def render_overlay(
     draw = ImageDraw.Draw(canvas)
     middle = total_width / 2
     top = rows + pad
-    draw.text((middle, top), AI_NOTICE, font=notice_font, fill=(255, 255, 0), anchor="ma")
-    for index, line in enumerate(lines, start=1):
+    draw.text((middle, top), AI_NOTICE, font=notice_font, fill=_YELLOW, anchor="ma")
+    coloured = [(line, _YELLOW) for line in warned] + [(line, _WHITE) for line in lines]
+    for index, (line, colour) in enumerate(coloured, start=1):
         y = top + index * line_height
-        draw.text((middle, y), line, font=text_font, fill=(255, 255, 255), anchor="ma")
+        draw.text((middle, y), line, font=text_font, fill=colour, anchor="ma")
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 

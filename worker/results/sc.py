@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.core.errors import ResultError
 from worker.results import equipment
-from worker.results.outcome import AlgorithmInfo, Prediction
+from worker.results.outcome import AlgorithmInfo, Attribution, Prediction
 from worker.results.render import METHOD, render_overlay
 from worker.results.source import copy_study_attributes, source_header
 from worker.results.uids import KIND_SC, KIND_SC_SERIES, derived_uid, series_uid
@@ -68,6 +68,7 @@ def build_sc(
     series_description: str,
     source_image: NDArray[np.floating],
     institution_name: str | None = None,
+    attribution: Attribution | None = None,
 ) -> hd.sc.SCImage:
     """Build the heatmap Secondary Capture for ``source``, a chest CR/DX image the model assessed
     (the caller applied :mod:`dicom_node.core.chest`; a prediction exists only for such images).
@@ -75,7 +76,9 @@ def build_sc(
     ``heatmap`` is float in [0, 1], any size, resized to the source's aspect ratio;
     ``source_image`` is the radiograph as float [0, 1] in the MONOCHROME2 sense, as the bundle's
     ``load_dicom_image`` decoded it (the worker's decoder process): the SC never decodes the
-    source again.  Raises :class:`~dicom_node.core.errors.ResultError` for invalid arguments.
+    source again.  The caption says the algorithm's caveat and, with ``attribution``, what
+    deleting the map did to the class's probability, in yellow when the map is not
+    informative.  Raises :class:`~dicom_node.core.errors.ResultError` for invalid arguments.
     """
     if isinstance(series_number, bool) or not isinstance(series_number, int):
         raise ResultError(f"series_number must be an integer, not {series_number!r}")
@@ -90,12 +93,15 @@ def build_sc(
         rows, columns = int(source.Rows), int(source.Columns)
     except (AttributeError, TypeError, ValueError) as err:
         raise ResultError(f"source image has no usable Rows and Columns: {err}") from err
+    warned, notes = caption_remarks(algorithm, attribution)
     pixels = render_overlay(
         source_image,
         heatmap,
         prediction,
         shape=(rows, columns),
         model_version=algorithm.version,
+        warnings=warned,
+        notes=notes,
     )
     now = datetime.datetime.now().astimezone()
     with warnings.catch_warnings():
@@ -111,6 +117,18 @@ def build_sc(
     _finish(sc, header, algorithm, now, institution_name)
     logger.info("built heatmap SC (%dx%d RGB)", sc.Rows, sc.Columns)
     return sc
+
+
+def caption_remarks(
+    algorithm: AlgorithmInfo, attribution: Attribution | None
+) -> tuple[list[str], list[str]]:
+    """The caption's warnings (yellow: the algorithm's caveat, a map that is not informative)
+    and notes (white: what deleting an informative map did)."""
+    warned = [algorithm.caveat[:1].upper() + algorithm.caveat[1:]] if algorithm.caveat else []
+    notes: list[str] = []
+    if attribution is not None:
+        (notes if attribution.informative else warned).append(attribution.describe())
+    return warned, notes
 
 
 def _build(

@@ -83,6 +83,7 @@ from worker.results import equipment
 from worker.results.outcome import (
     WEIGHTS_SHA256_PARAMETER,
     AlgorithmInfo,
+    Attribution,
     Prediction,
     Unassessable,
 )
@@ -184,6 +185,7 @@ def build_sr(
     on_unassessable: OnUnassessable = "report",
     institution_name: str | None = None,
     classes: Sequence[ModelClass] = CLASSES,
+    attribution: Attribution | None = None,
 ) -> Comprehensive3DSR | None:
     """Build the SR for one source image, or ``None`` when it is unassessable and skipped.
 
@@ -191,7 +193,8 @@ def build_sr(
     Instance UIDs are derived from the source SOP Instance UID and the model version
     (:mod:`worker.results.uids`).  ``heatmap_sc`` is the Secondary
     Capture holding the attribution map, referenced as evidence and from the measurement group.
-    ``classes`` are the loaded bundle's classes with their codes.  Raises
+    ``classes`` are the loaded bundle's classes with their codes; ``attribution`` says what
+    deleting the heatmap did to the predicted class (a Comment, see :func:`comments`).  Raises
     :class:`~dicom_node.core.errors.ResultError` on invalid input, also when highdicom refuses
     a value.
     """
@@ -223,6 +226,7 @@ def build_sr(
             institution_name=institution_name,
             findings=_findings(classes),
             point=point,
+            attribution=attribution,
         )
     except (TypeError, ValueError) as err:  # highdicom validates every value it is given
         raise ResultError(f"cannot build the SR: {err}") from err
@@ -243,9 +247,10 @@ def _build(
     institution_name: str | None,
     findings: Mapping[str, CodedConcept],
     point: ImagePoint | None,
+    attribution: Attribution | None,
 ) -> Comprehensive3DSR:
     evidence = [header] if heatmap_sc is None else [header, heatmap_sc]
-    group = _measurement_group(header, outcome, algorithm, heatmap_sc, findings, point)
+    group = _measurement_group(header, outcome, algorithm, heatmap_sc, findings, point, attribution)
     report = MeasurementReport(
         observation_context=_observation_context(),
         procedure_reported=PROCEDURE_CHEST_RADIOGRAPH,
@@ -387,17 +392,30 @@ def _none_evaluated(count: int, source: Dataset, point: ImagePoint) -> Measureme
     )
 
 
-def comments(outcome: Prediction | Unassessable, findings: Mapping[str, CodedConcept]) -> list[str]:
-    """The group's Comments (TID 1501 row 12), first the notice with the result in words, then
-    the reasons an image was not evaluated.
+def comments(
+    outcome: Prediction | Unassessable,
+    findings: Mapping[str, CodedConcept],
+    caveat: str = "",
+    attribution: Attribution | None = None,
+) -> list[str]:
+    """The group's Comments (TID 1501 row 12): the notice with the result in words; a heatmap
+    that is not informative (``attribution``) and the algorithm's ``caveat`` joined in one more;
+    then the reasons an image was not evaluated.
 
     Viewers show them as lines: OHIF 3.13 draws at most five lines per group, the Comments
-    first, then the probabilities, so a prediction has room for one more Comment.
+    first, then the probabilities, so a prediction has room for one more Comment, and a line
+    much longer than the notice runs out of the viewport.  The SC's caption gives the
+    heatmap's probabilities before and after deletion.
     """
+    powerless = attribution is not None and not attribution.informative
+    remarks = "; ".join(
+        text for text in ("heatmap NOT informative" if powerless else "", caveat) if text
+    )
+    extra = [remarks[:1].upper() + remarks[1:]] if remarks else []
     if isinstance(outcome, Prediction):
         predicted = _finding_code(outcome.predicted, findings).meaning
-        return [f"{AI_NOTICE}; predicted: {predicted}"]
-    return [f"{AI_NOTICE}; not evaluated", *(f"Reason: {r}" for r in outcome.reasons)]
+        return [f"{AI_NOTICE}; predicted: {predicted}", *extra]
+    return [f"{AI_NOTICE}; not evaluated", *extra, *(f"Reason: {r}" for r in outcome.reasons)]
 
 
 def _measurement_group(
@@ -407,6 +425,7 @@ def _measurement_group(
     heatmap_sc: Dataset | None,
     findings: Mapping[str, CodedConcept],
     point: ImagePoint | None,
+    attribution: Attribution | None = None,
 ) -> MeasurementsAndQualitativeEvaluations:
     tracking = TrackingIdentifier(
         uid=derived_uid(source.SOPInstanceUID, algorithm.version, KIND_SR_TRACKING),
@@ -443,7 +462,8 @@ def _measurement_group(
     items = group[0].ContentSequence
     if isinstance(outcome, Unassessable):
         items.extend(_text(REASON_NOT_ASSESSABLE, reason) for reason in outcome.reasons)
-    items.extend(_text(COMMENT, comment) for comment in comments(outcome, findings))
+    remarks = comments(outcome, findings, algorithm.caveat, attribution)
+    items.extend(_text(COMMENT, comment) for comment in remarks)
     if heatmap_sc is not None:
         items.append(
             ImageContentItem(
