@@ -1,4 +1,4 @@
-"""``coronet demo send``: push the sample chest radiograph into the demo PACS of ``coronet run``."""
+"""``coronet demo send``: push sample chest radiographs into the demo PACS of ``coronet run``."""
 
 from __future__ import annotations
 
@@ -27,16 +27,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``coronet demo send``."""
     parser = sub.add_parser(
         "demo",
-        help="send the sample chest radiograph into the demo PACS of `coronet run`",
+        help="send sample chest radiographs into the demo PACS of `coronet run`",
         description="Helpers for the all-in-one demo started by `coronet run` (make run).",
     )
     demo_sub = parser.add_subparsers(dest="demo_command", required=True, metavar="COMMAND")
     send = demo_sub.add_parser(
         "send",
         help="C-STORE a chest radiograph into the demo Orthanc, which routes it to the node",
-        description="Send FILE (default: the real adult PA chest CR RG1_UNCR.dcm from "
-        "pydicom-data) to the demo Orthanc over DICOM.  Orthanc's Lua script routes CR and DX "
-        "to the node; the SR and the heatmap appear in the same study a few seconds later.  "
+        description="Send FILE to the demo Orthanc over DICOM; by default two studies: a "
+        "synthetic phantom CR like the demo weights' training data (it comes back with findings "
+        "and a heatmap) and the real adult PA chest CR RG1_UNCR.dcm from pydicom-data, which "
+        "the demo weights never saw (it comes back 'Not Evaluated').  Orthanc's Lua script "
+        "routes CR and DX to the node; the results appear in the same study a few seconds "
+        "later.  "
         "Each send gets new Study, Series and SOP Instance UIDs (a new study), unless "
         "--keep-uids.  Orthanc's address is read from <var-dir>/run/state.json unless given.",
     )

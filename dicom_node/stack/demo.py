@@ -1,4 +1,9 @@
-"""``coronet demo send``: a chest radiograph into the demo PACS that ``coronet run`` started."""
+"""``coronet demo send``: chest radiographs into the demo PACS that ``coronet run`` started.
+
+By default two studies go: a synthetic phantom CR of the kind the demo weights were trained on
+(it comes back with findings and a heatmap) and pydicom-data's real adult PA chest CR RG1,
+which the demo weights never saw (it comes back "Not Evaluated": the gate refuses it).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pynetdicom import AE
 
 from dicom_node.core.errors import ConfigError
 from dicom_node.stack.plan import LOOPBACK
+from monai_bundle.scripts.phantoms import make_phantom, phantom_dataset
 
 
 def _demo_target(
@@ -38,12 +44,36 @@ def _demo_target(
     )
 
 
+#: The demo phantom: a COVID-19 phantom (synthetic, not clinical) of a seed no training used.
+DEMO_PHANTOM_LABEL = "COVID-19"
+DEMO_PHANTOM_SEED = 20_261_201
+DEMO_PHANTOM_SIZE = 512
+
+
 def sample_radiograph() -> Path:
     """RG1_UNCR.dcm, a real adult PA chest CR from pydicom-data."""
     path = get_testdata_file("RG1_UNCR.dcm")
     if not isinstance(path, str):
         raise ConfigError("pydicom-data is not installed: pip install pydicom-data")
     return Path(path)
+
+
+def demo_phantom(folder: Path) -> Path:
+    """Write the demo phantom as a CR frontal chest into ``folder`` (once) and return it."""
+    path = folder / "demo-phantom.dcm"
+    if not path.is_file():
+        phantom = make_phantom(DEMO_PHANTOM_LABEL, DEMO_PHANTOM_SIZE, DEMO_PHANTOM_SEED)
+        folder.mkdir(parents=True, exist_ok=True)
+        phantom_dataset(phantom).save_as(path, enforce_file_format=True)
+    return path
+
+
+def _expectation(path: Path, phantom: Path) -> str:
+    if path == phantom:
+        return " (a synthetic phantom like the demo weights' training data: findings and heatmap)"
+    if path.name == "RG1_UNCR.dcm":
+        return " (a real radiograph the demo weights never saw: a 'Not Evaluated' SR)"
+    return ""
 
 
 def send_demo(
@@ -56,9 +86,11 @@ def send_demo(
     calling_aet: str,
     keep_uids: bool,
 ) -> tuple[bool, str]:
-    """C-STORE ``files`` (default: RG1) into the demo PACS; return (ok, report)."""
+    """C-STORE ``files`` (default: the demo phantom and RG1) into the demo PACS; return (ok,
+    report)."""
     target_host, target_port, target_aet = _demo_target(var_dir, host, port, called_aet)
-    paths = list(files) or [sample_radiograph()]
+    phantom = demo_phantom(var_dir / "demo")
+    paths = list(files) or [phantom, sample_radiograph()]
     datasets = []
     for path in paths:
         try:
@@ -87,12 +119,12 @@ def send_demo(
             status = int(response.Status) if response and "Status" in response else None
             ok = ok and status == 0
             shown = "no response" if status is None else f"0x{status:04X}"
-            lines.append(f"sent {path.name} to {where}: {shown}")
+            lines.append(f"sent {path.name}{_expectation(path, phantom)} to {where}: {shown}")
     finally:
         assoc.release()
     if ok:
         lines.append(
-            "Orthanc routes it to the node; the SR and the heatmap appear in the same study "
-            "within a few seconds (CPU: the heatmap takes longest)."
+            "Orthanc routes each to the node; the results appear in the same study within a few "
+            "seconds (CPU: the heatmap takes longest)."
         )
     return ok, "\n".join(lines)
