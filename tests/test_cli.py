@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -252,3 +253,25 @@ def test_piping_aet_list_into_head_prints_no_traceback(tmp_path: Path) -> None:
     )
     assert result.stdout.startswith("our AE title: CORONET")
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+
+
+@pytest.mark.parametrize(("exported", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_unless_the_user_says_otherwise(
+    exported: str | None, seen: str
+) -> None:
+    """The wait policy is set before torch loads (in a fresh process), and an exported value
+    wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if exported:
+        env["OMP_WAIT_POLICY"] = exported
+    probe = (
+        "import os, sys\n"
+        "from dicom_node.cli import main\n"
+        "main(['config', 'check', sys.argv[1]])\n"
+        "print(os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(EXAMPLE)],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert result.stdout.strip().splitlines()[-1] == seen

@@ -75,8 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: OpenMP's wait policy, read once when torch loads, so set before any handler imports it.
+#: Waiting threads that sleep instead of spinning keep a worker or ``coronet infer`` from
+#: collapsing when other processes load the same cores: ``bench/contention.py`` measured the
+#: fast map on 2 cores at 3.4 times its time alone with one busy competitor under the default
+#: policy, 1.2 times with PASSIVE (docs/benchmarks.md).  An exported value wins.
+OPENMP_WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``coronet`` with ``argv`` (default: the process arguments); return the exit status."""
+    os.environ.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)

@@ -25,10 +25,12 @@ _WORKER_EPILOG = """\
 Devices: model.device cpu or cuda:N is used by every pool process.  With auto, a host with G
 GPUs gets G processes by default, process i pinned to cuda:(i mod G); without a GPU, the CPU
 is used and the cores are shared between the processes (torch threads = cores / concurrency).
-On a host whose cores are also busy with other work, set OMP_WAIT_POLICY=PASSIVE: waiting
-OpenMP threads then sleep instead of spinning.  Measured on 2 cores (docs/benchmarks.md): one
-heatmap of 60 steps alone takes 7.2 s with the default and 12.7 s with PASSIVE; two at once
-take 29.5 s each with the default and 11.5 s each with PASSIVE.
+coronet sets OMP_WAIT_POLICY=PASSIVE unless it is exported: waiting OpenMP threads sleep
+instead of spinning, so a worker does not collapse when other processes load its cores.
+Measured on 2 cores (bench/contention.py, docs/benchmarks.md), one fast heatmap takes 0.22 s
+alone and 0.75 s beside one busy process with the default policy, 0.34 s and 0.40 s with
+PASSIVE.  On a host that runs nothing else, OMP_WAIT_POLICY=ACTIVE is faster (0.22 s), but
+it collapses beside busy processes (19 s beside two).
 
 Delivery: messages are acknowledged only after the task finished (acks_late), so a worker
 killed mid-task gets its study again, from the broker after --visibility-timeout.  A message
