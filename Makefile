@@ -57,7 +57,12 @@ system-deps:
 # npm checks the tarball against the registry's integrity hash; the unpacked folder appears
 # only when complete, so an interrupted run starts again.
 $(OHIF_DIST)/index.html:
-	@command -v npm >/dev/null 2>&1 || { echo "npm (Node.js 20) is needed to fetch OHIF"; exit 1; }
+	@# Debian's npm only where there is none: a NodeSource nodejs ships its own and conflicts.
+	@command -v npm >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends npm >/dev/null; \
+	  else echo "npm is needed to fetch OHIF; run: sudo apt-get install -y npm"; exit 1; fi; }
 	rm -rf "$(OHIF_DIR).part" && mkdir -p "$(OHIF_DIR).part"
 	cd "$(OHIF_DIR).part" && npm pack --silent --cache "$(CACHE_DIR)/npm" @ohif/app@$(OHIF_VERSION) >/dev/null
 	tar -xzf "$(OHIF_DIR).part/ohif-app-$(OHIF_VERSION).tgz" -C "$(OHIF_DIR).part" \
