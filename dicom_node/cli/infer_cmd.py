@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mode.add_argument(
         "--fast",
         action="store_true",
-        help="fast heatmap mode (40 optimisation steps instead of 300)",
+        help="fast heatmap: a gradient start refined by 2 to 10 optimisation steps, until it is "
+        "informative (instead of the paper's 300)",
     )
     mode.add_argument("--no-heatmap", action="store_true", help="no heatmap and no SC")
     parser.add_argument("--png", action="store_true", help="also write the heatmap overlay as PNG")
