@@ -24,7 +24,8 @@ own per-task timings give the cost of a study in each mode.
 
 ``--batch-sizes``: the worker's engine alone (no node): the per-image cost of pre-processing
 and classifying ``--n`` phantoms in batches of each size (``Engine.prepare_many`` and
-``assess_many``, one forward pass per batch), against batches of one, on the CPU.
+``assess_many``, one forward pass per batch), and of their fast maps (``explain_many``, one
+optimisation per batch), against batches of one, on the CPU.
 
 Prints p50/p95 latency and throughput per run and the scaling ratio against the first run.
 Without ``--threads`` the torch threads of each process are the cores divided by the pool size.
@@ -43,7 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 import yaml
@@ -59,6 +60,10 @@ from monai_bundle.scripts.phantoms import CLASS_NAMES, make_phantom, write_dicom
 from tests.support.netns import Host, HostNetwork, entered
 from tests.support.processes import ChildProcess
 from tests.support.redis_server import free_port
+from worker.results.outcome import Prediction, Unassessable
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
 
 BUNDLE = Path(monai_bundle.__file__).resolve().parent
 NODE_AET = "CORONET"
@@ -352,28 +357,41 @@ def batch_costs(sizes: Sequence[int], n: int, threads: int | None) -> None:
         f"engine per image, {n} phantoms 256 px -> {engine.image_size} px, CPU, "
         f"{torch.get_num_threads()} torch threads; median of 3 passes"
     )
-    print(f"{'batch':>6}  {'prepare ms':>10}  {'forward ms':>10}  {'total ms':>9}  vs batch 1")
-    reference = None
+    print(f"{'batch':>6}  {'prepare ms':>10}  {'forward ms':>10}  {'total ms':>9}  vs batch 1"
+          f"  {'fast map ms':>11}  vs batch 1")  # fmt: skip
+    reference = map_reference = None
     for size in sizes:
         passes = []
         for _ in range(3):
-            prepare = forward = 0.0
+            prepare = forward = explain = 0.0
             for start in range(0, n, size):
                 chunk = pixels[start : start + size]
                 t0 = time.perf_counter()
                 images = engine.prepare_many(chunk)
                 t1 = time.perf_counter()
-                engine.assess_many(images)
-                forward += time.perf_counter() - t1
+                analyses = engine.assess_many(images)
+                t2 = time.perf_counter()
+                targets = [_target(engine, analysis.outcome) for analysis in analyses]
+                engine.explain_many(images, targets, "fast")
+                explain += time.perf_counter() - t2
+                forward += t2 - t1
                 prepare += t1 - t0
-            passes.append((prepare / n, forward / n))
-        prepare, forward = sorted(passes, key=sum)[1]
+            passes.append((prepare / n, forward / n, explain / n))
+        prepare, forward, explain = sorted(passes, key=lambda p: p[0] + p[1])[1]
         total = prepare + forward
         reference = reference or total
+        map_reference = map_reference or explain
         print(
             f"{size:>6}  {1000 * prepare:>10.2f}  {1000 * forward:>10.2f}  {1000 * total:>9.2f}"
-            f"  {reference / total:.2f}x"
+            f"  {reference / total:>9.2f}x  {1000 * explain:>11.1f}  {map_reference / explain:.2f}x"
         )
+
+
+def _target(engine: Engine, outcome: Prediction | Unassessable) -> int:
+    """The class a map explains: the predicted one (the first for a refused image)."""
+    if isinstance(outcome, Prediction):
+        return engine.class_names.index(outcome.predicted)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
