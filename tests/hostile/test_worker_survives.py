@@ -234,6 +234,7 @@ def _check_worker_survived(stack: Stack) -> None:
     for sign in ("WorkerLostError", "exited with 'signal", "Traceback"):
         assert sign not in output, output
     stack.memory.sample()
+    print(stack.memory.report())  # shown by `pytest -s`; docs/benchmarks.md quotes it
     assert stack.memory.total_mib < WORKER_MEMORY_LIMIT_MIB, stack.memory.report()
     assert max(stack.memory.peaks_mib.values()) < PROCESS_MEMORY_LIMIT_MIB, stack.memory.report()
 
