@@ -75,8 +75,8 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
         "--heatmap",
         choices=["fast", "full", "off"],
         default=defaults.heatmap,
-        help="attribution map: fast (gradient start and 2-10 steps, default), full (the paper's 300 steps, "
-        "slow on CPU) or off (no SC)",
+        help="attribution map: fast (gradient start and 2-10 steps, default), full (the "
+        "paper's 300 steps, slow on CPU) or off (no SC)",
     )
     parser.add_argument(
         "--time-limit",
