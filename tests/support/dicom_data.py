@@ -51,6 +51,11 @@ def make_instance(
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     if fix_pixel_spacing and "PixelSpacing" in ds:
         ds.PixelSpacing = [0.171, 0.171]
+    return _edited_and_saved(ds, attributes, target)
+
+
+def _edited_and_saved(ds: Dataset, attributes: dict[str, Any], target: Path) -> Dataset:
+    """Set each attribute of ``attributes`` on ``ds`` (``None`` deletes it), save to ``target``."""
     for keyword, value in attributes.items():
         if value is None:
             if keyword in ds:
@@ -100,12 +105,4 @@ def phantom_cr(
         series_uid=generate_uid(),
         sop_instance_uid=generate_uid(),
     )
-    for keyword, value in attributes.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(target, enforce_file_format=True)
-    return ds
+    return _edited_and_saved(ds, attributes, target)
