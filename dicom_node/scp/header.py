@@ -74,8 +74,14 @@ def read_header(path: Path, limits: HeaderLimits, scratch: Path) -> Dataset:
 
 
 def _file_meta(path: Path) -> FileMetaDataset:
+    """The file meta information, every element decoded here: pydicom decodes an element when
+    it is first read, so a malformed one (an unknown VR, found by the fuzzer) would raise
+    later, outside this check."""
     try:
-        return pydicom.filereader.read_file_meta_info(path)
+        meta = pydicom.filereader.read_file_meta_info(path)
+        for tag in list(meta.keys()):
+            meta[tag]  # decodes the raw element in place
+        return meta
     except OSError:
         raise
     except Exception as err:  # pydicom raises many types on malformed input
