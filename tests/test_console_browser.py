@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage, generate_uid
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 import monai_bundle
 from dicom_node.core.spool import key_for
 from tests.support.admin import PASSWORD, USER, Admin
+from tests.support.browser import headless_chromium
 from tests.support.node import node_process, run_storescu
 from tests.support.polling import wait_until
 from tests.support.processes import ChildProcess
@@ -31,36 +30,16 @@ from tests.support.storescp import StoreSCP, running_storescp
 pytestmark = pytest.mark.integration
 
 BUNDLE = Path(monai_bundle.__file__).resolve().parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 WORKER = ("--concurrency", "1", "--threads", "1", "--heatmap", "off", "--max-retries", "0")
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1280,1100",
-)
+#: The console's screenshots (docs/images/console-*.png) are this size.
+WINDOW = (1280, 1100)
 
 
 @pytest.fixture(name="browser")
-def browser_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
+def browser_fixture(tmp_path: Path) -> Iterator[WebDriver]:
     """Headless Chromium with a fresh profile; selenium never looks for a browser online."""
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
+    with headless_chromium(tmp_path / "profile", WINDOW) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _send(folder: Path, port: int, accession: str) -> str:

@@ -61,8 +61,11 @@ class BrowserError(RuntimeError):
 
 
 @contextlib.contextmanager
-def headless_chromium(profile: Path) -> Iterator[webdriver.Chrome]:
-    """A headless Chromium with a fresh profile in ``profile``; quit on exit."""
+def headless_chromium(
+    profile: Path, window: tuple[int, int] = WINDOW
+) -> Iterator[webdriver.Chrome]:
+    """A headless Chromium with a fresh profile in ``profile`` and a ``window`` (width,
+    height) in pixels; quit on exit."""
     for binary in (CHROMIUM, CHROMEDRIVER):
         if shutil.which(binary) is None:
             raise BrowserError(f"{binary} is not installed (run `make system-deps`)")
@@ -72,7 +75,7 @@ def headless_chromium(profile: Path) -> Iterator[webdriver.Chrome]:
     for flag in FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
-    options.add_argument(f"--window-size={WINDOW[0]},{WINDOW[1]}")
+    options.add_argument(f"--window-size={window[0]},{window[1]}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # Offline: selenium's manager must not look for a browser or driver of its own.
     os.environ["SE_OFFLINE"] = "true"
