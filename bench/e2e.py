@@ -12,6 +12,7 @@ counted.
     python -m bench.e2e --n 30 --hosts 1,2,3     # 1, 2, 3 worker hosts (needs root)
     python -m bench.e2e --n 30 --fetch-overhead  # fetching against reading the spool
     python -m bench.e2e --n 64 --batch-sizes 1,2,4,8,16   # per-image cost of the engine
+    python -m bench.e2e --n 40 --worker-batches 1,4      # coronet worker --batch, end to end
 
 ``--hosts``: each worker runs on a host of its own made of Linux namespaces
 (``tests.support.netns``: a network namespace, and a mount namespace in which the node's spool
@@ -26,6 +27,10 @@ own per-task timings give the cost of a study in each mode.
 and classifying ``--n`` phantoms in batches of each size (``Engine.prepare_many`` and
 ``assess_many``, one forward pass per batch), and of their fast maps (``explain_many``, one
 optimisation per batch), against batches of one, on the CPU.
+
+``--worker-batches``: one worker process, ``coronet worker --batch B`` for each B (B tasks at
+once in threads, their images analysed together), against ``--batch 1`` (the reference when it
+comes first); prints how many images the batches held.
 
 Prints p50/p95 latency and throughput per run and the scaling ratio against the first run.
 Without ``--threads`` the torch threads of each process are the cores divided by the pool size.
@@ -219,6 +224,7 @@ def run_once(
     hosts: Sequence[Host | None] = (None,),
     concurrency: int = 1,
     direct: bool = False,
+    batch: int = 1,
 ) -> tuple[Run, list[str]]:
     """One fresh system; each of ``hosts`` (None: this host) runs one worker process pool."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -248,16 +254,17 @@ def run_once(
             worker_config = write_config(own / "worker.yaml", worker_data)
             command = coronet(
                 *("worker", "--config", str(worker_config), "--heatmap", args.heatmap),
-                *("--concurrency", str(concurrency)),
+                *(("--batch", str(batch)) if batch > 1 else ("--concurrency", str(concurrency))),
                 *(("--threads", str(args.threads)) if args.threads else ()),
             )
             argv = command if host is None else host.argv(command, empty=[folder / "spool"])
             worker = ChildProcess(argv, cwd=own)
             system.processes.append(worker)
             system.workers.append(worker)
+        loads = 1 if batch > 1 else concurrency  # a batching worker is one process
         for worker in system.workers:
             worker.wait_for(
-                lambda out: out.count("loaded on") >= concurrency, "a worker", READY_TIMEOUT_S
+                lambda out: out.count("loaded on") >= loads, "a worker", READY_TIMEOUT_S
             )
         datasets = [pydicom.dcmread(p) for p in inputs]
         pool = concurrency * len(hosts)
@@ -312,6 +319,7 @@ class Run:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+_BATCH = re.compile(r"batch of (\d+) images from \d+ tasks")
 _TASK = re.compile(r"this task (\d+\.\d+) s: ([^)]*)\)")
 
 
@@ -405,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--fetch-overhead", action="store_true", help="fetching against reading the spool"
     )
     parser.add_argument("--batch-sizes", help="engine batch sizes to compare, e.g. 1,2,4,8")
+    parser.add_argument(
+        "--worker-batches", help="coronet worker --batch values to compare end to end, e.g. 1,4"
+    )
     parser.add_argument("--heatmap", choices=["fast", "full", "off"], default="fast")
     parser.add_argument("--rg1", action="store_true", help="send RG1 copies, not phantoms")
     parser.add_argument(
@@ -441,6 +452,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     runs.append(run)
             print_runs(runs, f"end to end, worker hosts in namespaces, {setting}")
+        elif args.worker_batches:
+            batches = [int(b) for b in args.worker_batches.split(",")]
+            inputs = make_inputs(args.n + 1, folder / "inputs", args.rg1)
+            runs = []
+            for batch in batches:
+                run, logs = run_once(
+                    f"--batch {batch}",
+                    inputs[: args.n + 1],
+                    folder / f"batch{batch}",
+                    args,
+                    batch=batch,
+                )
+                runs.append(run)
+                sizes = [int(n) for log in logs for n in _BATCH.findall(log)]
+                if sizes:
+                    mean = statistics.fmean(sizes)
+                    print(f"--batch {batch}: {len(sizes)} batches, {mean:.2f} images on average")
+            print_runs(runs, f"end to end, one worker process, {setting}")
         elif args.fetch_overhead:
             inputs = make_inputs(args.n + 1, folder / "inputs", args.rg1)
             timings = {}

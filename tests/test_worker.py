@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,21 @@ def test_worker_command_options(
     assert options.concurrency == concurrency
     assert options.visibility_timeout == visibility
     assert options.soft_time_limit < options.time_limit < options.visibility_timeout
+
+
+def test_batch_runs_its_tasks_in_the_threads_of_one_process() -> None:
+    args = build_parser().parse_args(["worker", "--batch", "4", "--batch-wait", "0.2"])
+    options = worker_options(args, "auto", 2)
+    assert (options.pool, options.concurrency, options.batch) == ("threads", 4, 4)
+    assert options.batch_wait == 0.2 and options.gpu_count == 1  # one process: one GPU
+    for extra in (["--pool", "solo"], ["--concurrency", "2"]):
+        args = build_parser().parse_args(["worker", "--batch", "2", *extra])
+        with pytest.raises(ConfigError, match="one batching worker per GPU"):
+            worker_options(args, "cpu", 0)
+    with pytest.raises(ConfigError, match="threads pool runs batches"):
+        WorkerOptions(pool="threads")
+    with pytest.raises(ConfigError, match="one task per image"):
+        WorkerOptions(pool="threads", batch=4, concurrency=2)
 
 
 @pytest.mark.parametrize(
@@ -475,3 +491,37 @@ def test_results_wait_in_the_outbox_while_the_destination_is_down(
     assert {outbox.state(r.key, "pacs") for r in outbox.results()} == {"delivered"}
     assert [r.sop_class_uid for r in scp.stored()] == [Comprehensive3DSRStorage]
     assert "delivered" in worker.text().split("will retry")[-1]
+
+
+def test_a_batching_worker_analyses_the_images_of_several_tasks_together(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP
+) -> None:
+    """``coronet worker --batch 3``: three tasks run at once in Celery's threads pool and their
+    images share one forward pass and one heatmap optimisation; every image gets its SR and SC."""
+    _require_weights()
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    config = _worker_config(tmp_path, settings)
+    sizes = [1, 1, 1, 2]
+    studies = [_spool_study(settings, tmp_path / str(i), n) for i, n in enumerate(sizes)]
+    queue = CeleryQueue.from_settings(settings.broker)
+    for stored in studies:  # queued before the worker starts: it reserves three at once
+        queue.enqueue_study(stored[0].study_key)
+    options = ("--batch", "3", "--batch-wait", "5", "--threads", "1", *FAST_RETRIES)
+    worker = _worker_process(config, *options)
+    try:
+        wait_until(lambda: len(scp.stored()) >= 10, 180, "an SR and an SC for each of 5 images")
+        spool = Spool(settings.storage.spool_dir)
+        wait_until(
+            lambda: not any(spool.pending_instances(s[0].study_key) for s in studies),
+            30,
+            "every instance to be done",
+        )
+    finally:
+        worker.stop()
+    text = worker.text()
+    assert "batches of up to 3 images from 3 tasks in threads" in text
+    assert len(scp.stored(Comprehensive3DSRStorage)) == 5, text
+    assert len(scp.stored(SecondaryCaptureImageStorage)) == 5, text
+    shared = [int(n) for n in re.findall(r"batch of \d+ images from (\d+) tasks", text)]
+    assert shared and max(shared) >= 2, text  # tasks shared a batch
+    assert "Traceback" not in text

@@ -12,7 +12,11 @@ Delivery guarantees (Redis broker):
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only after the
   task returned, so a worker killed mid-task leaves it on the broker; a lost pool process gets
   its message re-queued at once, a lost whole worker after the ``visibility_timeout``;
-* ``worker_prefetch_multiplier=1``: a process reserves one message at a time;
+* ``worker_prefetch_multiplier=1``: a process reserves one message at a time; a batching
+  worker (``--batch N``, Celery's ``threads`` pool) reserves one per thread, N in all, and
+  analyses their images together (:mod:`worker.batching`);
+* the ``threads`` pool enforces no Celery time limit: a task there waits at most the soft time
+  limit for its batch, and a batch stuck past the hard limit ends the worker process;
 * the visibility timeout is longer than the task time limit and than the longest retry
   countdown, so a running or waiting task is never handed to a second worker;
 * a message started more than ``max_redeliveries + 1`` times is dead-lettered (no poison loop);
@@ -49,6 +53,7 @@ from dicom_node.core.errors import CoronetError, IngestError
 from dicom_node.core.logs import make_safe
 from dicom_node.core.settings import DEFAULT_CONFIG, Settings, load_settings
 from dicom_node.core.task import TASK_NAME, StudyTask
+from worker.batching import BatchTimeout
 from worker.destinations import DestinationSource
 from worker.heartbeat import Heartbeat
 from worker.locks import AttemptCounter
@@ -121,8 +126,8 @@ def _connect_signals(app: Celery, runtime: WorkerRuntime) -> None:
         runtime.start_process(int(getattr(current_process(), "index", 0) or 0))
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app and runtime.options.pool == "solo":
-            runtime.start_process(0)
+        if getattr(sender, "app", None) is app and runtime.options.pool in ("solo", "threads"):
+            runtime.start_process(0)  # these pools run tasks in the worker's own process
 
     def on_logging_set_up(logger: logging.Logger | None = None, **_: Any) -> None:
         if logger is not None:
@@ -136,6 +141,7 @@ def _connect_signals(app: Celery, runtime: WorkerRuntime) -> None:
 
     def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
         heartbeat.stop()
+        runtime.stop()
 
     uid = f"coronet-worker-{id(runtime)}"
     worker_ready.connect(on_worker_ready, weak=False, dispatch_uid=uid)
@@ -213,8 +219,9 @@ def register_tasks(
             logger.warning("study %s: task redelivered (start %d)", study_key, attempt)
         final = retries >= options.max_retries
         try:
-            report = processor.run(study_key, task.instance_keys, task_id, final_attempt=final)
-        except SoftTimeLimitExceeded:
+            with runtime.running_task():
+                report = processor.run(study_key, task.instance_keys, task_id, final_attempt=final)
+        except (SoftTimeLimitExceeded, BatchTimeout):
             processor.dead_letter_study(
                 study_key,
                 task.instance_keys,

@@ -1,4 +1,4 @@
-"""The worker's own options: pool, heatmap mode, time limits, retries and threads."""
+"""The worker's own options: pool, batch size, heatmap mode, time limits, retries and threads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from dicom_node.core.errors import ConfigError
 
-Pool = Literal["prefork", "solo"]
+Pool = Literal["prefork", "solo", "threads"]
 HeatmapMode = Literal["fast", "full", "off"]
 
 #: The bundle's attribution preset behind each ``--heatmap`` mode (``full``: the paper's).
@@ -40,11 +40,22 @@ class WorkerOptions:
     gpu_count: int | None = None
     threads: int | None = None
     """torch CPU threads per pool process; None: the cores shared between the processes."""
+    batch: int = 1
+    """Images analysed together; above 1, ``batch`` tasks run in the threads of one process
+    and share their batches (:mod:`worker.batching`)."""
+    batch_wait: float = 0.05
+    """Seconds a batch that is not full waits for the images of running tasks."""
 
     def __post_init__(self) -> None:
         problems = []
         if self.concurrency < 1:
             problems.append("concurrency must be at least 1")
+        if self.batch < 1 or self.batch_wait < 0:
+            problems.append("batch must be at least 1, its wait not negative")
+        elif (self.pool == "threads") != (self.batch > 1):
+            problems.append("the threads pool runs batches, and batches run in it only")
+        elif self.batch > 1 and self.concurrency != self.batch:
+            problems.append("a batching worker runs one task per image of its batch")
         if self.threads is not None and self.threads < 1:
             problems.append("threads must be at least 1")
         if not 0 < self.soft_time_limit < self.time_limit:

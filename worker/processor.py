@@ -6,9 +6,9 @@ One run of :meth:`StudyProcessor.run`:
    spool folder, or the node over the network): those the node selected as frontal chest
    images and no worker finished, restricted to ``instance_keys`` when given; a named
    instance, or a whole study, that the node does not hold is an error, never a silent no-op;
-2. analyses each one not analysed before (:func:`worker.pipeline.process_dataset`: the image
-   checks, the guarded decode, inference and the heatmap; a bad image becomes an
-   "unassessable" result);
+2. analyses those not analysed before, ``IsolationPolicy.batch_size`` at a time together
+   (:func:`worker.pipeline.process_many`: the image checks, the guarded decode, inference and
+   the heatmap; a bad image becomes an "unassessable" result);
 3. writes the SR and the SC durably to the outbox (:mod:`dicom_node.core.outbox`);
 4. C-STOREs them to every configured destination (:mod:`worker.delivery`), skipping those
    already delivered there;
@@ -31,6 +31,8 @@ study's other instances are analysed and delivered:
   can be built, a failing model) dead-letters that instance with the reason;
 * an instance whose analysis started ``max_analysis_starts`` times without finishing (each
   start killed its worker process) is dead-lettered at the next start instead of analysed;
+  from its second start on it is analysed alone, never in a batch, so an image that kills
+  its worker costs its batch-mates one start at most;
 * the exceptions of ``IsolationPolicy.fatal`` (the task's time limit) are not caught here.
 
 A dead-lettered instance is marked done, so recovery never queues it again; ``coronet outbox
@@ -91,6 +93,34 @@ Analyse = Callable[[Dataset, Path], AnalysisResult]
 """Analyses one spooled instance: its header (pixel data deferred) and the path of its file."""
 
 
+class AnalyseMany(Protocol):
+    """Analyses spooled instances together (:func:`worker.pipeline.process_many`, or the
+    worker's :class:`worker.batching.Batcher`): one result, or the exception that analysing
+    that instance raised, per instance, in order.  With ``alone`` the instances are never
+    batched with other tasks' images."""
+
+    def __call__(
+        self, sources: Sequence[tuple[Dataset, Path]], *, alone: bool = False
+    ) -> Sequence[AnalysisResult | Exception]: ...
+
+
+def one_by_one(analyse: Analyse) -> AnalyseMany:
+    """An :data:`AnalyseMany` that calls ``analyse`` for each instance in turn."""
+
+    def analyse_many(
+        sources: Sequence[tuple[Dataset, Path]], *, alone: bool = False
+    ) -> list[AnalysisResult | Exception]:
+        results: list[AnalysisResult | Exception] = []
+        for dataset, path in sources:
+            try:
+                results.append(analyse(dataset, path))
+            except Exception as err:  # classified by the processor, per instance
+                results.append(err)
+        return results
+
+    return analyse_many
+
+
 @dataclass(frozen=True)
 class IsolationPolicy:
     """How a study copes with its bad instances (see the module docstring)."""
@@ -98,6 +128,8 @@ class IsolationPolicy:
     max_read_attempts: int = 3
     max_analysis_starts: int = 3
     fatal: tuple[type[BaseException], ...] = ()
+    batch_size: int = 1
+    """Instances of the study analysed together (the worker's ``--batch``)."""
 
 
 class StudyNotInSpool(Exception):
@@ -156,6 +188,18 @@ class StudyReport:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
 
 
+@dataclass(frozen=True)
+class _Started:
+    """An instance whose analysis has started: its header, file and start count."""
+
+    instance_key: str
+    dataset: Dataset
+    path: Path
+    received: float
+    starts: int
+    started: float  # perf_counter() when its read began
+
+
 class StudyProcessor:
     """Steps 1-5 of the module docstring for one study, with its dependencies explicit."""
 
@@ -164,7 +208,7 @@ class StudyProcessor:
         settings: Settings,
         source: InstanceSource,
         outbox: Outbox,
-        analyse: Analyse,
+        analyse: AnalyseMany,
         locks: InstanceLocks,
         send: SendFn,
         counters: InstanceCounters,
@@ -274,10 +318,13 @@ class StudyProcessor:
 
     def _process(self, report: StudyReport, instance_keys: list[str], final_attempt: bool) -> None:
         records: list[SourceRecord] = []
+        known = {key: self.outbox.source(report.study_key, key) for key in instance_keys}
+        fresh = [key for key, record in known.items() if record is None]
+        size = self.policy.batch_size
+        for first in range(0, len(fresh), size):
+            known.update(self._analyse_batch(report, fresh[first : first + size], final_attempt))
         for instance_key in instance_keys:
-            record = self.outbox.source(report.study_key, instance_key)
-            if record is None:
-                record = self._analyse(report, instance_key, final_attempt)
+            record = known[instance_key]
             self._note_received(report, instance_key, record)
             if record is not None:
                 records.append(record)
@@ -318,11 +365,43 @@ class StudyProcessor:
         received = listed.received if listed is not None else None
         return dataset, path, received if received is not None else path.stat().st_mtime
 
-    def _analyse(
+    def _analyse_batch(
+        self, report: StudyReport, instance_keys: list[str], final_attempt: bool
+    ) -> dict[str, SourceRecord | None]:
+        """Read, analyse and store these instances; their records (None: not analysed).
+
+        Instances whose last analysis was lost (a second start) are analysed alone, so that
+        an image that kills its worker cannot take its batch-mates down again.
+        """
+        records: dict[str, SourceRecord | None] = dict.fromkeys(instance_keys)
+        started = [
+            s for key in instance_keys if (s := self._start(report, key, final_attempt)) is not None
+        ]
+        try:
+            first = [s for s in started if s.starts == 1]
+            groups = ([first] if first else []) + [[s] for s in started if s.starts > 1]
+            for group in groups:
+                sources = [(s.dataset, s.path) for s in group]
+                try:
+                    results = self.analyse(sources, alone=group[0].starts > 1)
+                except self.policy.fatal:
+                    raise
+                except Exception as err:  # the whole call failed: each instance is classified
+                    results = [err] * len(group)
+                for begun, result in zip(group, results, strict=True):
+                    records[begun.instance_key] = self._finish(report, begun, result, final_attempt)
+        finally:
+            for begun in started:
+                self.counters.starts.reset(report.study_key, begun.instance_key)
+        return records
+
+    def _start(
         self, report: StudyReport, instance_key: str, final_attempt: bool
-    ) -> SourceRecord | None:
+    ) -> _Started | None:
+        """Read the instance's header and count the start of its analysis; None (with the
+        instance retried or dead-lettered) when it cannot be read or started too often."""
         study_key = report.study_key
-        started = time.perf_counter()
+        begun = time.perf_counter()
         try:
             dataset, path, received = self._read(study_key, instance_key)
         except self.policy.fatal:
@@ -335,7 +414,7 @@ class StudyProcessor:
         except Exception as err:  # missing, unreadable, not DICOM: retried a bounded number
             self._unreadable(report, instance_key, describe_error(err), final_attempt)
             return None
-        report.add_timing("read", time.perf_counter() - started)
+        report.add_timing("read", time.perf_counter() - begun)
         self.counters.read_failures.reset(study_key, instance_key)
         starts = self.counters.starts.increment(study_key, instance_key)
         if starts > self.policy.max_analysis_starts:
@@ -347,11 +426,23 @@ class StudyProcessor:
                 "(the worker process was lost each time)",
             )
             return None
+        return _Started(instance_key, dataset, path, received, starts, begun)
+
+    def _finish(
+        self,
+        report: StudyReport,
+        begun: _Started,
+        result: AnalysisResult | Exception,
+        final_attempt: bool,
+    ) -> SourceRecord | None:
+        """Store an analysed instance's results, or classify why it has none."""
+        instance_key = begun.instance_key
         try:
-            result = self.analyse(dataset, path)
-            record = self._store(report, instance_key, result, received)
+            if isinstance(result, Exception):
+                raise result
+            record = self._store(report, instance_key, result, begun.received)
             self.observer.analysed(
-                record.outcome, time.perf_counter() - started, dict(result.timings)
+                record.outcome, time.perf_counter() - begun.started, dict(result.timings)
             )
             return record
         except self.policy.fatal:
@@ -362,8 +453,6 @@ class StudyProcessor:
         except Exception as err:  # classified per instance: the study goes on
             self._dead_letter(report, instance_key, f"cannot analyse: {describe_error(err)}")
             return None
-        finally:
-            self.counters.starts.reset(study_key, instance_key)
 
     def _store(
         self, report: StudyReport, instance_key: str, result: AnalysisResult, received: float

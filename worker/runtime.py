@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import redis
@@ -26,6 +29,7 @@ from dicom_node.core.settings import Settings
 from dicom_node.core.spool import Spool
 from dicom_node.core.task import StudyTask
 from dicom_node.core.telemetry import TelemetryWriter
+from worker.batching import Batcher, BatchTimeout
 from worker.decoder import DecodeLimits, Decoder
 from worker.delivery import Sender
 from worker.destinations import DestinationSource
@@ -34,8 +38,14 @@ from worker.fetching import FetchCache, NodeClient, RemoteSource
 from worker.locks import InstanceCounters, InstanceLocks
 from worker.observer import WorkerObserver
 from worker.options import WorkerOptions
-from worker.pipeline import InstanceResult, process_dataset
-from worker.processor import Analyse, IsolationPolicy, StudyProcessor
+from worker.pipeline import InstanceResult, process_many
+from worker.processor import (
+    Analyse,
+    AnalyseMany,
+    IsolationPolicy,
+    StudyProcessor,
+    one_by_one,
+)
 from worker.sources import InstanceSource, SpoolSource
 
 logger = logging.getLogger(__name__)
@@ -63,7 +73,7 @@ def configure_torch_threads(options: WorkerOptions) -> None:
     cores = os.cpu_count() or 1
     threads = options.threads or (
         max(1, cores // options.concurrency) if options.pool == "prefork" else cores
-    )
+    )  # the solo and threads pools run the model in one thread of one process
     torch.set_num_threads(threads)
 
 
@@ -109,7 +119,10 @@ class WorkerRuntime:
         self.device: str | None = None
         self._client: redis.Redis | None = None
         self._client_pid = 0
-        self._analyse: Analyse | None = None
+        self._analyse: AnalyseMany | None = None
+        self._replacement: Analyse | None = None
+        self._batcher: Batcher | None = None
+        self._batcher_lock = threading.Lock()
 
     def redis(self) -> redis.Redis:
         if self._client is None or self._client_pid != os.getpid():
@@ -143,30 +156,73 @@ class WorkerRuntime:
             f"; removed {removed} partial outbox writes" if removed else "",
         )
 
-    def analyse(self) -> Analyse:
-        """The model's analysis of one data set, with this worker's heatmap mode."""
-        if self._analyse is None:
+    def analyse(self, replacement: Analyse | None = None) -> AnalyseMany:
+        """How this process analyses a task's images: the model in batches of ``--batch``
+        (shared between the tasks with a :class:`~worker.batching.Batcher` when above 1).
+
+        ``replacement`` analyses one image instead of the model (tests); the batching around
+        it is the same.
+        """
+        with self._batcher_lock:
+            if self._analyse is None or replacement is not self._replacement:
+                self._analyse = self._make_analyse(replacement)
+                self._replacement = replacement
+            return self._analyse
+
+    def _make_analyse(self, replacement: Analyse | None) -> AnalyseMany:
+        options = self.options
+        batch = self._model_batch() if replacement is None else one_by_one(replacement)
+        if options.batch == 1:
+            return batch
+        if self._batcher is not None:
+            self._batcher.stop()
+        self._batcher = Batcher(
+            batch,
+            options.batch,
+            linger_s=options.batch_wait,
+            wait_s=options.soft_time_limit,
+            overrun_s=options.time_limit,
+        )
+        self._batcher.start()
+        return self._batcher
+
+    def _model_batch(self) -> AnalyseMany:
+        engine, decoder = self.engine, self.decoder
+        if engine is None or decoder is None:
+            logger.warning("model not loaded at process start; loading it now")
+            self.start_process(0)
             engine, decoder = self.engine, self.decoder
-            if engine is None or decoder is None:
-                logger.warning("model not loaded at process start; loading it now")
-                self.start_process(0)
-                engine, decoder = self.engine, self.decoder
-                assert engine is not None and decoder is not None
-            settings, preset = self.settings, self.options.attribution_preset
+            assert engine is not None and decoder is not None
+        settings, preset, size = self.settings, self.options.attribution_preset, self.options.batch
 
-            def analyse(dataset: Dataset, path: Path) -> InstanceResult:
-                return process_dataset(
-                    dataset,
-                    path,
-                    engine,
-                    settings.results,
-                    settings.selection,
-                    decoder=decoder,
-                    preset=preset,
-                )
+        def analyse(
+            sources: Sequence[tuple[Dataset, Path]], *, alone: bool = False
+        ) -> list[InstanceResult | Exception]:
+            return process_many(
+                sources,
+                engine,
+                settings.results,
+                settings.selection,
+                decoder=decoder,
+                preset=preset,
+                batch_size=size,
+            )
 
-            self._analyse = analyse
-        return self._analyse
+        return analyse
+
+    @contextmanager
+    def running_task(self) -> Iterator[None]:
+        """Around one task: a batch may wait for the images of running tasks."""
+        with self._batcher.task() if self._batcher is not None else nullcontext():
+            yield
+
+    def stop(self) -> None:
+        """Stop the batcher, after the batches handed in (worker shutdown)."""
+        with self._batcher_lock:
+            if self._batcher is not None:
+                self._batcher.stop()
+                self._batcher = None
+                self._analyse = None
 
     def source(self, task: StudyTask | None) -> InstanceSource:
         """Where ``task``'s instances come from: fetched from the node, unless the task has no
@@ -192,13 +248,14 @@ class WorkerRuntime:
         policy = IsolationPolicy(
             max_read_attempts=options.max_read_attempts,
             max_analysis_starts=max(1, options.max_redeliveries),
-            fatal=fatal,
+            fatal=(*fatal, BatchTimeout),
+            batch_size=options.batch,
         )
         return StudyProcessor(
             self.settings,
             self.source(task),
             self.outbox,
-            analyse if analyse is not None else self.analyse(),
+            self.analyse(analyse),
             InstanceLocks(client, options.lock_ttl),
             Sender.from_settings(self.settings),
             InstanceCounters(client),

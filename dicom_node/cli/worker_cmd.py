@@ -12,6 +12,7 @@ from pathlib import Path
 from dicom_node.cli.common import (
     EXIT_OK,
     add_config_options,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -19,7 +20,7 @@ from dicom_node.cli.common import (
 )
 from dicom_node.core.errors import ConfigError
 from dicom_node.core.logs import quiet_libraries
-from worker.options import WorkerOptions
+from worker.options import Pool, WorkerOptions
 
 _WORKER_EPILOG = """\
 Devices: model.device cpu or cuda:N is used by every pool process.  With auto, a host with G
@@ -31,6 +32,16 @@ Measured on 2 cores (bench/contention.py, docs/benchmarks.md), one fast heatmap 
 alone and 0.75 s beside one busy process with the default policy, 0.34 s and 0.40 s with
 PASSIVE.  On a host that runs nothing else, OMP_WAIT_POLICY=ACTIVE is faster (0.22 s), but
 it collapses beside busy processes (19 s beside two).
+
+Batches: --batch N runs up to N tasks at once, in the threads of one process (Celery's
+threads pool, N messages reserved), and analyses the images they hold together: one forward
+pass and one heatmap optimisation per batch.  A batch starts when it is full or every running
+task has handed in its images.  It pays on a GPU, where one image leaves the device idle; on a
+CPU it does not (bench/e2e.py --batch-sizes, docs/benchmarks.md).  Memory grows with N: each
+image of a batch is held decoded until its heatmap is done.  With several GPUs, run one
+batching worker per GPU (--set model.device=cuda:I).  Celery enforces no time limit in the
+threads pool: a task waits at most the soft limit for its batch, and a batch that runs past
+--time-limit ends the worker process (its tasks go to another worker).
 
 Delivery: messages are acknowledged only after the task finished (acks_late), so a worker
 killed mid-task gets its study again, from the broker after --visibility-timeout.  A message
@@ -68,8 +79,24 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pool",
         choices=["prefork", "solo"],
-        default=defaults.pool,
-        help="prefork: processes that are replaced when they die (default); solo: in-process",
+        help="prefork: processes that are replaced when they die (default); solo: in-process "
+        "(a --batch above 1 runs in Celery's threads pool instead)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=positive_int,
+        default=defaults.batch,
+        metavar="N",
+        help="run up to N tasks at once in one process and analyse their images together: one "
+        "forward pass and one heatmap optimisation per batch (default 1; for GPUs, see below)",
+    )
+    parser.add_argument(
+        "--batch-wait",
+        type=non_negative_float,
+        default=defaults.batch_wait,
+        metavar="S",
+        help="seconds a batch that is not full waits for the images of running tasks "
+        f"(default {defaults.batch_wait:g})",
     )
     parser.add_argument(
         "--heatmap",
@@ -170,6 +197,15 @@ def worker_options(args: argparse.Namespace, device: str, gpu_count: int) -> Wor
     """:class:`~worker.options.WorkerOptions` from parsed arguments (``gpu_count``: GPUs seen)."""
     gpu_count = gpu_count if device == "auto" else 0
     concurrency = args.concurrency or (gpu_count if device == "auto" and gpu_count else 1)
+    pool: Pool = args.pool or "prefork"
+    if args.batch > 1:
+        if args.pool is not None or args.concurrency is not None:
+            raise ConfigError(
+                "--batch runs its tasks in the threads of one process: it takes neither --pool "
+                "nor --concurrency (run one batching worker per GPU, with --set model.device)",
+                [("--batch", "with --pool or --concurrency")],
+            )
+        pool, concurrency, gpu_count = "threads", args.batch, min(gpu_count, 1)
     time_limit = float(args.time_limit)
     soft = time_limit - 60.0 if time_limit > 120 else time_limit * 0.9
     visibility = args.visibility_timeout or max(
@@ -177,7 +213,7 @@ def worker_options(args: argparse.Namespace, device: str, gpu_count: int) -> Wor
     )
     return WorkerOptions(
         concurrency=concurrency,
-        pool=args.pool,
+        pool=pool,
         queue=args.queue,
         heatmap=args.heatmap,
         soft_time_limit=soft,
@@ -190,6 +226,8 @@ def worker_options(args: argparse.Namespace, device: str, gpu_count: int) -> Wor
         max_read_attempts=args.max_read_attempts,
         gpu_count=gpu_count,
         threads=args.threads,
+        batch=args.batch,
+        batch_wait=args.batch_wait,
     )
 
 
@@ -230,8 +268,13 @@ def _worker(args: argparse.Namespace) -> int:
     app = make_app(settings, options, destinations=destinations)
     queue = options.queue or settings.broker.queue
     hostname = args.hostname or f"coronet-{os.getpid()}@{socket.gethostname()}"
+    runs = (
+        f"batches of up to {options.batch} images from {options.concurrency} tasks in threads"
+        if options.batch > 1
+        else f"{options.concurrency} x {options.pool}"
+    )
     print(
-        f"worker {hostname}: queue {queue}, {options.concurrency} x {options.pool}, "
+        f"worker {hostname}: queue {queue}, {runs}, "
         f"device {settings.model.device}"
         + (f" ({options.gpu_count} GPUs)" if options.gpu_count else "")
         + f", heatmap {options.heatmap}, destinations "

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,16 @@ from worker.delivery import Sender
 from worker.engine import Engine, load_engine
 from worker.locks import InstanceCounters, InstanceLocks
 from worker.options import WorkerOptions
-from worker.pipeline import process_dataset
-from worker.processor import Analyse, AnalysisResult, StudyProcessor, StudyReport
+from worker.pipeline import InstanceResult, process_many
+from worker.processor import (
+    Analyse,
+    AnalyseMany,
+    AnalysisResult,
+    IsolationPolicy,
+    StudyProcessor,
+    StudyReport,
+    one_by_one,
+)
 from worker.results.sr import SRSummary, read_sr
 from worker.sources import SpoolSource
 
@@ -89,34 +98,54 @@ def settings_fixture(tmp_path: Path, redis: RedisServer, scp: RecordingSCP) -> S
     )
 
 
-def _processor(settings: Settings, redis: RedisServer, analyse: Analyse) -> StudyProcessor:
+def _processor(
+    settings: Settings, redis: RedisServer, analyse: Analyse | _Batched
+) -> StudyProcessor:
+    """A study processor; a one-image ``analyse`` is called image by image, a batched one
+    gets the study's images in batches of :data:`BATCH`."""
     client = redis.client()
+    many: AnalyseMany = analyse if isinstance(analyse, _Batched) else one_by_one(analyse)
     return StudyProcessor(
         settings,
         SpoolSource(Spool(settings.storage.spool_dir)),
         Outbox(settings.storage.outbox_dir),
-        analyse,
+        many,
         InstanceLocks(client, 60),
         Sender.from_settings(settings),
         InstanceCounters(client),
+        IsolationPolicy(batch_size=BATCH),
     )
 
 
-def _model(settings: Settings, engine: Engine, decoder: Decoder) -> Analyse:
-    """The real pipeline, without heatmaps (these tests are about the bad instance)."""
+#: The real model analyses a study's valid and bad images in one batch.
+BATCH = 2
 
-    def analyse(dataset: Dataset, path: Path) -> AnalysisResult:
-        return process_dataset(
-            dataset,
-            path,
-            engine,
-            settings.results,
-            settings.selection,
-            decoder=decoder,
+
+@dataclass(frozen=True)
+class _Batched:
+    """The real pipeline in batches, without heatmaps (these tests are about the bad
+    instance)."""
+
+    settings: Settings
+    engine: Engine
+    decoder: Decoder
+
+    def __call__(
+        self, sources: Sequence[tuple[Dataset, Path]], *, alone: bool = False
+    ) -> list[InstanceResult | Exception]:
+        return process_many(
+            sources,
+            self.engine,
+            self.settings.results,
+            self.settings.selection,
+            decoder=self.decoder,
             preset=None,
+            batch_size=BATCH,
         )
 
-    return analyse
+
+def _model(settings: Settings, engine: Engine, decoder: Decoder) -> _Batched:
+    return _Batched(settings, engine, decoder)
 
 
 def _spool(settings: Settings, path: Path) -> StoredInstance:
@@ -453,3 +482,48 @@ def test_an_instance_whose_analysis_keeps_killing_the_worker_is_dead_lettered_al
         "its analysis started 3 times without finishing (the worker process was lost each time)"
     )
     _check_study_went_on(settings, valid, scp, None)
+
+
+def test_after_a_lost_start_an_instance_is_analysed_alone_never_in_a_batch(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP, settings: Settings
+) -> None:
+    """Every image of a batch starts together, so a worker lost in the batch costs each of them
+    a start; from its second start, an image goes alone, and cannot take others down again."""
+    study_uid = generate_uid()
+    stored = []
+    for seed in range(3):
+        path = tmp_path / "in" / f"{seed}.dcm"
+        phantom_source(path, study_uid=study_uid, seed=seed)
+        stored.append(_spool(settings, path))
+    suspect = stored[1]
+    InstanceCounters(redis.client()).starts.increment(suspect.study_key, suspect.instance_key)
+    model = StandInModel(settings=settings.results)
+    calls: list[tuple[list[str], bool]] = []
+    analyse_one = one_by_one(model)
+
+    def analyse(
+        sources: Sequence[tuple[Dataset, Path]], *, alone: bool = False
+    ) -> Sequence[AnalysisResult | Exception]:
+        calls.append(([key_for(str(ds.SOPInstanceUID)) for ds, _ in sources], alone))
+        return analyse_one(sources)
+
+    client = redis.client()
+    processor = StudyProcessor(
+        settings,
+        SpoolSource(Spool(settings.storage.spool_dir)),
+        Outbox(settings.storage.outbox_dir),
+        analyse,
+        InstanceLocks(client, 60),
+        Sender.from_settings(settings),
+        InstanceCounters(client),
+        IsolationPolicy(batch_size=3),
+    )
+    report = processor.run(suspect.study_key, None, "task")
+    others = sorted(s.instance_key for s in stored if s is not suspect)
+    assert sorted(calls[0][0]) == others and calls[0][1] is False
+    assert calls[1:] == [([suspect.instance_key], True)]
+    assert (report.analysed, report.failed) == (3, 0)
+    assert len(scp.stored(Comprehensive3DSRStorage)) == 3
+    starts = InstanceCounters(client).starts
+    # every start finished and was reset: the next one would be the first
+    assert [starts.increment(s.study_key, s.instance_key) for s in stored] == [1, 1, 1]
