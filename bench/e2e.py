@@ -456,11 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             batches = [int(b) for b in args.worker_batches.split(",")]
             inputs = make_inputs(args.n + 1, folder / "inputs", args.rg1)
             runs = []
-            for batch in batches:
+            for index, batch in enumerate(batches):  # repeat values to alternate, e.g. 1,4,1,4
                 run, logs = run_once(
                     f"--batch {batch}",
                     inputs[: args.n + 1],
-                    folder / f"batch{batch}",
+                    folder / f"run{index}-batch{batch}",
                     args,
                     batch=batch,
                 )

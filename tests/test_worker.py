@@ -520,6 +520,8 @@ def test_a_batching_worker_analyses_the_images_of_several_tasks_together(
         worker.stop()
     text = worker.text()
     assert "batches of up to 3 images from 3 tasks in threads" in text
+    assert text.count("loaded on") == 1, text  # once, at start, before the first task
+    assert "model not loaded at process start" not in text
     assert len(scp.stored(Comprehensive3DSRStorage)) == 5, text
     assert len(scp.stored(SecondaryCaptureImageStorage)) == 5, text
     shared = [int(n) for n in re.findall(r"batch of \d+ images from (\d+) tasks", text)]

@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from billiard.process import current_process
-from celery import Celery, Task
+from celery import Celery, Task, bootsteps
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
-    worker_init,
     worker_process_init,
     worker_ready,
     worker_shutdown,
@@ -125,9 +124,21 @@ def _connect_signals(app: Celery, runtime: WorkerRuntime) -> None:
     def on_process_init(**_: Any) -> None:
         runtime.start_process(int(getattr(current_process(), "index", 0) or 0))
 
-    def on_worker_init(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app and runtime.options.pool in ("solo", "threads"):
-            runtime.start_process(0)  # these pools run tasks in the worker's own process
+    class LoadModelInWorker(bootsteps.StartStopStep):
+        """The threads pool runs its tasks in the worker's own process and sends no
+        ``worker_process_init``: load the model there, after the logging is set up and before
+        the consumer (the last step) takes tasks."""
+
+        requires = ("celery.worker.components:Pool",)
+
+        def start(self, parent: Any) -> None:
+            runtime.start_process(0)
+
+        def stop(self, parent: Any) -> None:
+            runtime.stop()
+
+    if runtime.options.pool == "threads":
+        app.steps["worker"].add(LoadModelInWorker)
 
     def on_logging_set_up(logger: logging.Logger | None = None, **_: Any) -> None:
         if logger is not None:
@@ -147,7 +158,6 @@ def _connect_signals(app: Celery, runtime: WorkerRuntime) -> None:
     worker_ready.connect(on_worker_ready, weak=False, dispatch_uid=uid)
     worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid=uid)
     worker_process_init.connect(on_process_init, weak=False, dispatch_uid=uid)
-    worker_init.connect(on_worker_init, weak=False, dispatch_uid=uid)
     after_setup_logger.connect(on_logging_set_up, weak=False, dispatch_uid=uid)
     after_setup_task_logger.connect(on_logging_set_up, weak=False, dispatch_uid=uid)
 

@@ -117,6 +117,7 @@ class WorkerRuntime:
         self.engine: Engine | None = None
         self.decoder: Decoder | None = None
         self.device: str | None = None
+        self._loaded_pid = 0
         self._client: redis.Redis | None = None
         self._client_pid = 0
         self._analyse: AnalyseMany | None = None
@@ -134,12 +135,15 @@ class WorkerRuntime:
 
     def start_process(self, index: int) -> None:
         """Load the model once for this process (device pinned by process index)."""
+        if self.engine is not None and self._loaded_pid == os.getpid():
+            return
         quiet_libraries()
         device = resolve_device(self.settings.model.device, index, self.options.gpu_count)
         if device == "cpu":
             configure_torch_threads(self.options)
         started = time.perf_counter()
         engine = self.engine = load_engine(self.settings.model.bundle_dir, device)
+        self._loaded_pid = os.getpid()
         self.device = device
         self.decoder = Decoder(decode_limits(self.settings, engine))
         self.decoder.start()

@@ -36,12 +36,13 @@ it collapses beside busy processes (19 s beside two).
 Batches: --batch N runs up to N tasks at once, in the threads of one process (Celery's
 threads pool, N messages reserved), and analyses the images they hold together: one forward
 pass and one heatmap optimisation per batch.  A batch starts when it is full or every running
-task has handed in its images.  It pays on a GPU, where one image leaves the device idle; on a
-CPU it does not (bench/e2e.py --batch-sizes, docs/benchmarks.md).  Memory grows with N: each
-image of a batch is held decoded until its heatmap is done.  With several GPUs, run one
-batching worker per GPU (--set model.device=cuda:I).  Celery enforces no time limit in the
-threads pool: a task waits at most the soft limit for its batch, and a batch that runs past
---time-limit ends the worker process (its tasks go to another worker).
+task has handed in its images (or --batch-wait passed).  It is meant for GPUs, where one image
+leaves the device idle.  On a CPU, one process per core (--concurrency) is faster: measured on
+2 cores, --batch 4 gave 1.2-1.36x one process, two processes 1.92x (docs/benchmarks.md).
+Memory grows with N: each image of a batch is held decoded until its heatmap is done.  With
+several GPUs, run one batching worker per GPU (--set model.device=cuda:I).  Celery enforces no
+time limit in the threads pool: a task waits at most the soft limit for its batch, and a batch
+that runs past --time-limit ends the worker process (its tasks go to another worker).
 
 Delivery: messages are acknowledged only after the task finished (acks_late), so a worker
 killed mid-task gets its study again, from the broker after --visibility-timeout.  A message
