@@ -1,9 +1,9 @@
 """Three hosts made of Linux namespaces (``tests.support.netns``): the node, Redis and a
 ``storescp`` PACS on one; a worker on each of the two others, in a mount namespace in which the
 node's spool folder is empty, so the workers can only fetch.  A burst of 12 studies is sent and
-one worker host is killed (kill -9, every process in its namespace) while it works; every study
-must get exactly one SR SOP Instance UID at the PACS, and nothing may stay queued, unacknowledged
-or pending on the node.
+one worker host, a batching one (``--batch 2``), is killed (kill -9, every process in its
+namespace) while it works; every study must get exactly one SR SOP Instance UID at the PACS,
+and nothing may stay queued, unacknowledged or pending on the node.
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ STUDIES = 12
 REDIS_PORT, NODE_PORT, ADMIN_PORT, PACS_PORT = 6379, 11112, 8480, 4242
 #: Short limits, so that the killed host's message comes back within the test.
 WORKER_OPTIONS = (
-    *("--concurrency", "1", "--threads", "1", "--heatmap", "off", "--loglevel", "INFO"),
+    *("--threads", "1", "--heatmap", "off", "--loglevel", "INFO"),
     *("--time-limit", "20", "--visibility-timeout", "25"),
     *("--retry-backoff", "0.5", "--retry-backoff-max", "5"),
 )
+#: w1, the host that is killed, runs a batching worker (two tasks at once in one process, their
+#: images analysed together); w2 a prefork worker with one process.
+HOST_OPTIONS = {"w1": ("--batch", "2"), "w2": ("--concurrency", "1")}
 
 
 def _data(folder: Path, hub: Host, name: str) -> dict[str, Any]:
@@ -126,7 +129,7 @@ def test_two_worker_hosts_without_the_spool_one_killed_mid_burst(
             config = write_config(tmp_path / f"{name}.yaml", _data(tmp_path, hub, name))
             workers[name] = start(
                 net.host(name),
-                [*coronet, "worker", "--config", str(config), *WORKER_OPTIONS],
+                [*coronet, "worker", "--config", str(config), *WORKER_OPTIONS, *HOST_OPTIONS[name]],
                 empty=[tmp_path / "node" / "spool"],
             )
         for worker in workers.values():
@@ -152,10 +155,10 @@ def test_two_worker_hosts_without_the_spool_one_killed_mid_burst(
                 *(str(NODE_PORT), *map(str, inputs)),
             ],
         )
-        # kill -9 every process of host w1 while it works on its second study of the burst
-        # (it takes one task at a time: the first is finished, fetched and delivered).
+        # kill -9 every process of host w1 while it works: two tasks received and one more
+        # received or finished, so tasks are in flight in its threads.
         workers["w1"].wait_for(
-            lambda out: out.count("coronet.process_study[") >= 2, "w1's second task", 60
+            lambda out: out.count("coronet.process_study[") >= 3, "w1 to work", 60
         )
         delivered_before = len(_srs_by_study(pacs_dir))
         for pid in net.host("w1").pids():
