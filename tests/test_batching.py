@@ -229,6 +229,8 @@ def test_stop_finishes_the_batches_handed_in(pool: ThreadPoolExecutor) -> None:
     assert _names(future.result(10)) == ["result of a/0"]
     with pytest.raises(RuntimeError, match="not running"):
         batcher(_sources("late", 1))
+    with pytest.raises(RuntimeError, match="does not start again"):
+        batcher.start()
 
 
 @pytest.mark.parametrize(

@@ -104,12 +104,15 @@ class Batcher:
         self._active = 0
         self._stopping = False
         self._busy_since: float | None = None
+        self._halt = threading.Event()  # ends the watchdog
         self._threads: list[threading.Thread] = []
         self.batches = 0
         self.images = 0
 
     def start(self) -> None:
         """Start the batch thread and its watchdog (once)."""
+        if self._stopping:
+            raise RuntimeError("a stopped batcher does not start again")
         if self._threads:
             return
         self._threads = [
@@ -124,7 +127,10 @@ class Batcher:
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
-        for thread in self._threads:
+        for thread in self._threads[:1]:  # the batch thread first: it finishes what is queued
+            thread.join(timeout)
+        self._halt.set()
+        for thread in self._threads[1:]:
             thread.join(timeout)
         self._threads = []
 
@@ -228,9 +234,8 @@ class Batcher:
     def _watch(self) -> None:
         """Call ``on_overrun`` when one batch runs longer than ``overrun_s``."""
         period = min(1.0, self.overrun_s / 10)
-        while self._threads and not (self._stopping and self._busy_since is None):
+        while not self._halt.wait(period):
             busy_since = self._busy_since
             if busy_since is not None and time.monotonic() - busy_since > self.overrun_s:
                 self.on_overrun()
                 return
-            time.sleep(period)
