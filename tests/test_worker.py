@@ -32,6 +32,7 @@ from dicom_node.core.settings import Settings, settings_from_data
 from dicom_node.core.spool import Spool, StoredInstance
 from dicom_node.scp.queueing import TASK_NAME, CeleryQueue
 from tests.support.dicom_data import RG1_UNCR, make_instance
+from tests.support.memory import peak_rss
 from tests.support.polling import wait_until
 from tests.support.ports import free_port
 from tests.support.processes import ChildProcess
@@ -493,6 +494,12 @@ def test_results_wait_in_the_outbox_while_the_destination_is_down(
     assert "delivered" in worker.text().split("will retry")[-1]
 
 
+#: The batching worker's peak resident memory: its one process holds the model (the prefork
+#: worker's pool process peaks at about 735 MiB in tests/hostile/test_worker_survives.py) and
+#: the images of a batch of three 256 px phantoms.
+BATCHING_WORKER_PEAK = 1280 << 20  # measured: 993 MiB
+
+
 def test_a_batching_worker_analyses_the_images_of_several_tasks_together(
     tmp_path: Path, redis: RedisServer, scp: RecordingSCP
 ) -> None:
@@ -516,9 +523,11 @@ def test_a_batching_worker_analyses_the_images_of_several_tasks_together(
             30,
             "every instance to be done",
         )
+        peak = peak_rss(worker.pid)  # the model, three tasks, and the images of a batch
     finally:
         worker.stop()
     text = worker.text()
+    assert peak < BATCHING_WORKER_PEAK, f"peak RSS {peak >> 20} MiB"
     assert "batches of up to 3 images from 3 tasks in threads" in text
     assert text.count("loaded on") == 1, text  # once, at start, before the first task
     assert "model not loaded at process start" not in text
