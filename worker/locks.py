@@ -86,6 +86,10 @@ class InstanceCounter:
             count, _ = pipe.execute()
         return int(count)
 
+    def get(self, study_key: str, instance_key: str) -> int:
+        """The count (0 when none was kept)."""
+        return int(self._client.get(self._name(study_key, instance_key)) or 0)
+
     def reset(self, study_key: str, instance_key: str) -> None:
         self._client.delete(self._name(study_key, instance_key))
 

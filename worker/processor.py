@@ -189,15 +189,15 @@ class StudyReport:
 
 
 @dataclass(frozen=True)
-class _Started:
-    """An instance whose analysis has started: its header, file and start count."""
+class _Read:
+    """An instance read for analysis: its header, file, and how often its analysis was lost."""
 
     instance_key: str
     dataset: Dataset
     path: Path
     received: float
-    starts: int
-    started: float  # perf_counter() when its read began
+    lost: int  # starts counted without an end: each lost its worker process
+    began: float  # perf_counter() when its read began
 
 
 class StudyProcessor:
@@ -370,38 +370,27 @@ class StudyProcessor:
     ) -> dict[str, SourceRecord | None]:
         """Read, analyse and store these instances; their records (None: not analysed).
 
-        Instances whose last analysis was lost (a second start) are analysed alone, so that
-        an image that kills its worker cannot take its batch-mates down again.
+        An instance whose last analysis was lost (its start was counted, its end never came)
+        is analysed alone, so that an image that kills its worker cannot take its batch-mates
+        down again.
         """
         records: dict[str, SourceRecord | None] = dict.fromkeys(instance_keys)
-        started = [
-            s for key in instance_keys if (s := self._start(report, key, final_attempt)) is not None
+        read = [
+            r for key in instance_keys if (r := self._read_instance(report, key, final_attempt))
         ]
-        try:
-            first = [s for s in started if s.starts == 1]
-            groups = ([first] if first else []) + [[s] for s in started if s.starts > 1]
-            for group in groups:
-                sources = [(s.dataset, s.path) for s in group]
-                try:
-                    results = self.analyse(sources, alone=group[0].starts > 1)
-                except self.policy.fatal:
-                    raise
-                except Exception as err:  # the whole call failed: each instance is classified
-                    results = [err] * len(group)
-                for begun, result in zip(group, results, strict=True):
-                    records[begun.instance_key] = self._finish(report, begun, result, final_attempt)
-        finally:
-            for begun in started:
-                self.counters.starts.reset(report.study_key, begun.instance_key)
+        fresh = [r for r in read if r.lost == 0]
+        groups = ([fresh] if fresh else []) + [[r] for r in read if r.lost > 0]
+        for group in groups:
+            records.update(self._analyse_group(report, group, final_attempt))
         return records
 
-    def _start(
+    def _read_instance(
         self, report: StudyReport, instance_key: str, final_attempt: bool
-    ) -> _Started | None:
-        """Read the instance's header and count the start of its analysis; None (with the
-        instance retried or dead-lettered) when it cannot be read or started too often."""
+    ) -> _Read | None:
+        """The instance's header and file; None (with the instance retried or dead-lettered)
+        when it cannot be read."""
         study_key = report.study_key
-        begun = time.perf_counter()
+        began = time.perf_counter()
         try:
             dataset, path, received = self._read(study_key, instance_key)
         except self.policy.fatal:
@@ -414,35 +403,63 @@ class StudyProcessor:
         except Exception as err:  # missing, unreadable, not DICOM: retried a bounded number
             self._unreadable(report, instance_key, describe_error(err), final_attempt)
             return None
-        report.add_timing("read", time.perf_counter() - begun)
+        report.add_timing("read", time.perf_counter() - began)
         self.counters.read_failures.reset(study_key, instance_key)
-        starts = self.counters.starts.increment(study_key, instance_key)
-        if starts > self.policy.max_analysis_starts:
-            self.counters.starts.reset(study_key, instance_key)
-            self._dead_letter(
-                report,
-                instance_key,
-                f"its analysis started {starts - 1} times without finishing "
-                "(the worker process was lost each time)",
-            )
-            return None
-        return _Started(instance_key, dataset, path, received, starts, begun)
+        lost = self.counters.starts.get(study_key, instance_key)
+        return _Read(instance_key, dataset, path, received, lost, began)
+
+    def _analyse_group(
+        self, report: StudyReport, group: list[_Read], final_attempt: bool
+    ) -> dict[str, SourceRecord | None]:
+        """Count the start of each instance's analysis, analyse them together, store them."""
+        started = [r for r in group if self._count_start(report, r)]
+        records: dict[str, SourceRecord | None] = {}
+        if not started:
+            return records
+        try:
+            try:
+                sources = [(r.dataset, r.path) for r in started]
+                results = self.analyse(sources, alone=any(r.lost for r in started))
+            except self.policy.fatal:
+                raise
+            except Exception as err:  # the whole call failed: each instance is classified
+                results = [err] * len(started)
+            for read, result in zip(started, results, strict=True):
+                records[read.instance_key] = self._finish(report, read, result, final_attempt)
+        finally:
+            for read in started:
+                self.counters.starts.reset(report.study_key, read.instance_key)
+        return records
+
+    def _count_start(self, report: StudyReport, read: _Read) -> bool:
+        """Count a start; dead-letter the instance instead when it started too often."""
+        starts = self.counters.starts.increment(report.study_key, read.instance_key)
+        if starts <= self.policy.max_analysis_starts:
+            return True
+        self.counters.starts.reset(report.study_key, read.instance_key)
+        self._dead_letter(
+            report,
+            read.instance_key,
+            f"its analysis started {starts - 1} times without finishing "
+            "(the worker process was lost each time)",
+        )
+        return False
 
     def _finish(
         self,
         report: StudyReport,
-        begun: _Started,
+        read: _Read,
         result: AnalysisResult | Exception,
         final_attempt: bool,
     ) -> SourceRecord | None:
         """Store an analysed instance's results, or classify why it has none."""
-        instance_key = begun.instance_key
+        instance_key = read.instance_key
         try:
             if isinstance(result, Exception):
                 raise result
-            record = self._store(report, instance_key, result, begun.received)
+            record = self._store(report, instance_key, result, read.received)
             self.observer.analysed(
-                record.outcome, time.perf_counter() - begun.started, dict(result.timings)
+                record.outcome, time.perf_counter() - read.began, dict(result.timings)
             )
             return record
         except self.policy.fatal:

@@ -498,16 +498,19 @@ def test_after_a_lost_start_an_instance_is_analysed_alone_never_in_a_batch(
     suspect = stored[1]
     InstanceCounters(redis.client()).starts.increment(suspect.study_key, suspect.instance_key)
     model = StandInModel(settings=settings.results)
-    calls: list[tuple[list[str], bool]] = []
+    calls: list[tuple[list[str], bool, int]] = []
     analyse_one = one_by_one(model)
+    client = redis.client()
+    counters = InstanceCounters(client)
 
     def analyse(
         sources: Sequence[tuple[Dataset, Path]], *, alone: bool = False
     ) -> Sequence[AnalysisResult | Exception]:
-        calls.append(([key_for(str(ds.SOPInstanceUID)) for ds, _ in sources], alone))
+        keys = [key_for(str(ds.SOPInstanceUID)) for ds, _ in sources]
+        suspect_starts = counters.starts.get(suspect.study_key, suspect.instance_key)
+        calls.append((keys, alone, suspect_starts))
         return analyse_one(sources)
 
-    client = redis.client()
     processor = StudyProcessor(
         settings,
         SpoolSource(Spool(settings.storage.spool_dir)),
@@ -520,10 +523,10 @@ def test_after_a_lost_start_an_instance_is_analysed_alone_never_in_a_batch(
     )
     report = processor.run(suspect.study_key, None, "task")
     others = sorted(s.instance_key for s in stored if s is not suspect)
-    assert sorted(calls[0][0]) == others and calls[0][1] is False
-    assert calls[1:] == [([suspect.instance_key], True)]
+    # the batch-mates first, the suspect's start not yet counted again; then the suspect alone
+    assert (sorted(calls[0][0]), calls[0][1], calls[0][2]) == (others, False, 1)
+    assert calls[1:] == [([suspect.instance_key], True, 2)]
     assert (report.analysed, report.failed) == (3, 0)
     assert len(scp.stored(Comprehensive3DSRStorage)) == 3
-    starts = InstanceCounters(client).starts
-    # every start finished and was reset: the next one would be the first
-    assert [starts.increment(s.study_key, s.instance_key) for s in stored] == [1, 1, 1]
+    # every start finished and was reset
+    assert [counters.starts.get(s.study_key, s.instance_key) for s in stored] == [0, 0, 0]
