@@ -26,7 +26,7 @@ own per-task timings give the cost of a study in each mode.
 ``--batch-sizes``: the worker's engine alone (no node): the per-image cost of pre-processing
 and classifying ``--n`` phantoms in batches of each size (``Engine.prepare_many`` and
 ``assess_many``, one forward pass per batch), and of their fast maps (``explain_many``, one
-optimisation per batch), against batches of one, on the CPU.
+optimisation per batch), against batches of one, on the CPU (or ``--device cuda:0``).
 
 ``--worker-batches``: one worker process, ``coronet worker --batch B`` for each B (B tasks at
 once in threads, their images analysed together), against ``--batch 1`` (the reference when it
@@ -347,7 +347,7 @@ def print_runs(runs: Sequence[Run], title: str) -> None:
         )
 
 
-def batch_costs(sizes: Sequence[int], n: int, threads: int | None) -> None:
+def batch_costs(sizes: Sequence[int], n: int, threads: int | None, device: str = "cpu") -> None:
     """Per-image cost of the engine's batched pre-processing and forward pass (see above)."""
     import torch  # heavy: only this mode needs the model in this process
 
@@ -355,14 +355,19 @@ def batch_costs(sizes: Sequence[int], n: int, threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    engine = load_engine(BUNDLE, "cpu")
+    engine = load_engine(BUNDLE, device)
+
+    def synchronise() -> None:  # CUDA runs asynchronously: time what it did, not what it queued
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+
     pixels = [
         make_phantom(CLASS_NAMES[i % len(CLASS_NAMES)], size=256, seed=i).image for i in range(n)
     ]
     engine.assess_many(engine.prepare_many(pixels[:2]))  # warm-up
     print()
     print(
-        f"engine per image, {n} phantoms 256 px -> {engine.image_size} px, CPU, "
+        f"engine per image, {n} phantoms 256 px -> {engine.image_size} px, {engine.device}, "
         f"{torch.get_num_threads()} torch threads; median of 3 passes"
     )
     print(f"{'batch':>6}  {'prepare ms':>10}  {'forward ms':>10}  {'total ms':>9}  vs batch 1"
@@ -374,13 +379,17 @@ def batch_costs(sizes: Sequence[int], n: int, threads: int | None) -> None:
             prepare = forward = explain = 0.0
             for start in range(0, n, size):
                 chunk = pixels[start : start + size]
+                synchronise()
                 t0 = time.perf_counter()
                 images = engine.prepare_many(chunk)
+                synchronise()
                 t1 = time.perf_counter()
                 analyses = engine.assess_many(images)
+                synchronise()
                 t2 = time.perf_counter()
                 targets = [_target(engine, analysis.outcome) for analysis in analyses]
                 engine.explain_many(images, targets, "fast")
+                synchronise()
                 explain += time.perf_counter() - t2
                 forward += t2 - t1
                 prepare += t1 - t0
@@ -414,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--batch-sizes", help="engine batch sizes to compare, e.g. 1,2,4,8")
     parser.add_argument(
+        "--device", default="cpu", help="with --batch-sizes: cpu (default) or cuda:N"
+    )
+    parser.add_argument(
         "--worker-batches", help="coronet worker --batch values to compare end to end, e.g. 1,4"
     )
     parser.add_argument("--heatmap", choices=["fast", "full", "off"], default="fast")
@@ -426,7 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (BUNDLE / "models" / "model.pt").is_file():
         raise SystemExit("the bundle's demo weights (monai_bundle/models/model.pt) are missing")
     if args.batch_sizes:
-        batch_costs([int(b) for b in args.batch_sizes.split(",")], args.n, args.threads)
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        batch_costs(sizes, args.n, args.threads, args.device)
         return 0
     source = "RG1 copies" if args.rg1 else "phantoms 256 px"
     setting = (
