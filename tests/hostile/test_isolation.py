@@ -103,17 +103,23 @@ def _processor(
 ) -> StudyProcessor:
     """A study processor; a one-image ``analyse`` is called image by image, a batched one
     gets the study's images in batches of :data:`BATCH`."""
-    client = redis.client()
     many: AnalyseMany = analyse if isinstance(analyse, _Batched) else one_by_one(analyse)
+    return _batching_processor(settings, redis, many, BATCH)
+
+
+def _batching_processor(
+    settings: Settings, redis: RedisServer, analyse: AnalyseMany, batch_size: int
+) -> StudyProcessor:
+    client = redis.client()
     return StudyProcessor(
         settings,
         SpoolSource(Spool(settings.storage.spool_dir)),
         Outbox(settings.storage.outbox_dir),
-        many,
+        analyse,
         InstanceLocks(client, 60),
         Sender.from_settings(settings),
         InstanceCounters(client),
-        IsolationPolicy(batch_size=BATCH),
+        IsolationPolicy(batch_size=batch_size),
     )
 
 
@@ -511,17 +517,7 @@ def test_after_a_lost_start_an_instance_is_analysed_alone_never_in_a_batch(
         calls.append((keys, alone, suspect_starts))
         return analyse_one(sources)
 
-    processor = StudyProcessor(
-        settings,
-        SpoolSource(Spool(settings.storage.spool_dir)),
-        Outbox(settings.storage.outbox_dir),
-        analyse,
-        InstanceLocks(client, 60),
-        Sender.from_settings(settings),
-        InstanceCounters(client),
-        IsolationPolicy(batch_size=3),
-    )
-    report = processor.run(suspect.study_key, None, "task")
+    report = _batching_processor(settings, redis, analyse, 3).run(suspect.study_key, None, "task")
     others = sorted(s.instance_key for s in stored if s is not suspect)
     # the batch-mates first, the suspect's start not yet counted again; then the suspect alone
     assert (sorted(calls[0][0]), calls[0][1], calls[0][2]) == (others, False, 1)
