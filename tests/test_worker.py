@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from tests.support.processes import ChildProcess
 from tests.support.redis_server import RedisServer
 from tests.support.results import StandInModel, phantom_source
 from tests.support.scp import RecordingSCP
+from worker.batching import Batcher
 from worker.celery_app import make_app, runtime_of
 from worker.locks import AttemptCounter, InstanceLocks
 from worker.options import WorkerOptions
@@ -317,6 +319,58 @@ def test_analysis_failure_is_dead_lettered_not_retried(
     dead = Outbox(settings.storage.outbox_dir).dead_sources()
     assert [d.key for d in dead] == [f"{stored.study_key}/{stored.instance_key}"]
     assert reason in dead[0].reason
+
+
+def _batching_app(settings: Settings, analyse: Any, soft_time_limit: float = 60.0) -> Celery:
+    options = WorkerOptions(
+        pool="threads", concurrency=2, batch=2, soft_time_limit=soft_time_limit,
+        time_limit=120.0, visibility_timeout=400.0,
+    )  # fmt: skip
+    return make_app(settings, options, analyse=analyse)
+
+
+def test_a_batching_task_analyses_through_the_batcher(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP
+) -> None:
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    (stored,) = _spool_study(settings, tmp_path)
+    model = StandInModel(settings=settings.results)
+    app = _batching_app(settings, model)
+    runtime = runtime_of(app)
+    try:
+        _run(app, stored.study_key)
+        batcher = runtime.analyse(model)
+        assert isinstance(batcher, Batcher) and (batcher.batches, batcher.images) == (1, 1)
+    finally:
+        runtime.stop()
+    assert model.calls == 1 and len(scp.stored()) == 2
+    assert Spool(settings.storage.spool_dir).pending_instances(stored.study_key) == []
+
+
+def test_a_batching_task_that_waits_past_its_time_limit_is_dead_lettered(
+    tmp_path: Path, redis: RedisServer, scp: RecordingSCP
+) -> None:
+    """Celery enforces no time limit in the threads pool: the task's wait for its batch is
+    bounded by the soft limit, and the study is then dead-lettered as for a soft limit."""
+    settings = _settings(tmp_path, redis.url, destinations=[scp.destination()])
+    (stored,) = _spool_study(settings, tmp_path)
+    model = StandInModel(settings=settings.results)
+    release = threading.Event()
+
+    def stuck(dataset: Any, path: Path) -> Any:
+        release.wait(30)
+        return model(dataset, path)
+
+    app = _batching_app(settings, stuck, soft_time_limit=0.5)
+    try:
+        _run(app, stored.study_key)
+    finally:
+        release.set()
+        runtime_of(app).stop()
+    assert scp.stored() == []
+    dead = Outbox(settings.storage.outbox_dir).dead_sources()
+    assert [d.key for d in dead] == [f"{stored.study_key}/{stored.instance_key}"]
+    assert "longer than its time limit (0.5 s)" in dead[0].reason
 
 
 def test_unavailable_destination_is_retried_then_dead_lettered(
