@@ -439,6 +439,21 @@ def test_runtime_is_attached_and_engine_not_loaded_at_build(
     assert app.conf.accept_content == ["json"]
 
 
+def test_the_model_is_loaded_once_per_process(tmp_path: Path, redis: RedisServer) -> None:
+    """The solo pool's worker_process_init and a later call do not load it again."""
+    _require_weights()
+    runtime = runtime_of(make_app(_settings(tmp_path, redis.url)))
+    try:
+        runtime.start_process(0)
+        engine, decoder = runtime.engine, runtime.decoder
+        assert engine is not None and decoder is not None and decoder.pid is not None
+        runtime.start_process(0)
+        assert runtime.engine is engine and runtime.decoder is decoder
+    finally:
+        if runtime.decoder is not None:
+            runtime.decoder.close()
+
+
 # --------------------------------------------------------------------------- real workers
 
 
