@@ -18,6 +18,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.admin.retention import prune
+from dicom_node.admin.studies import recent_studies, study_view
 from dicom_node.admin.users import UserStore
 from dicom_node.core import audit
 from dicom_node.core.audit_trail import AuditTrail
@@ -313,3 +314,23 @@ def test_settings_keep_the_retention_floor_and_audit_defaults() -> None:
     assert settings.admin.host == "127.0.0.1"
     with pytest.raises(ConfigError, match=r"audit\.syslog"):
         settings_from_data({"audit": {"sink": "syslog"}})
+
+
+@pytest.mark.parametrize("show", [False, True])
+def test_the_patient_name_shows_only_when_the_admin_turns_it_on(tmp_path: Path, show: bool) -> None:
+    """``admin.show_patient_name``: off by default, studies are shown without the name."""
+    source = tmp_path / "in.dcm"
+    ds = phantom_source(source)
+    spool = Spool(tmp_path / "spool")
+    stored = spool.store(
+        source,
+        str(ds.SOPInstanceUID),
+        str(ds.StudyInstanceUID),
+        study_info={"patient_name": "Doe^Jane", "modality": "CR"},
+    )
+    outbox = Outbox(tmp_path / "out")
+    view = study_view(spool, outbox, stored.study_key, [], show_patient_name=show)
+    listed = recent_studies(spool, outbox, [], limit=5, show_patient_name=show)
+    assert view.patient_name == ("Doe^Jane" if show else None)
+    assert [v.patient_name for v in listed] == [view.patient_name]
+    assert view.modality == "CR"
