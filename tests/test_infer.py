@@ -185,3 +185,32 @@ def test_a_child_is_not_evaluated_and_a_missing_age_is_allowed(tmp_path: Path) -
     summary = read_sr(pydicom.dcmread(out / "child.sr.dcm"))
     assert list(summary.unassessable_reasons) == refused["unassessable_reasons"]
     assert not dciodvfy(out / "child.sr.dcm").errors
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached:UserWarning")  # pydicom, the broken file
+def test_a_batch_gives_each_file_what_it_gets_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--batch 3``: phantoms and RG1 analysed together, a file that is not DICOM skipped;
+    every file gets the class, probabilities and outputs it gets in a batch of one."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index, label in enumerate(("normal", "pneumonia", "COVID-19")):
+        phantom_cr(folder / f"{index}-{label}.dcm", label=label, seed=index)
+    shutil.copy(rg1(), folder / "3-rg1.dcm")
+    (folder / "4-broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
+    runs = {}
+    for batch in ("1", "3"):
+        out = tmp_path / f"out{batch}"
+        assert infer(str(folder), "--out", str(out), "--fast", "--batch", batch) == 1
+        runs[batch] = {p.name: p for p in out.iterdir()}
+        assert "4 of 5 files processed" in capsys.readouterr().out
+    assert sorted(runs["1"]) == sorted(runs["3"])
+    assert len([n for n in runs["3"] if n.endswith(".sc.dcm")]) == 3  # RG1 is not evaluated
+    for name in (n for n in runs["1"] if n.endswith(".json")):
+        alone, together = (json.loads(runs[b][name].read_text()) for b in ("1", "3"))
+        assert together["predicted"] == alone["predicted"], name
+        for label, p in (alone.get("probabilities") or {}).items():
+            assert together["probabilities"][label] == pytest.approx(p, abs=1e-5)
+    for name in (n for n in runs["3"] if n.endswith(".dcm")):
+        assert not dciodvfy(runs["3"][name]).errors, name

@@ -10,6 +10,9 @@ For each input it writes, into ``--out``:
   to the class's probability (``attribution``), timings and model version;
 - ``<stem>.png`` with ``--png``: the heatmap overlay as a picture.
 
+With ``--batch N``, N images at a time are analysed together (one forward pass, one heatmap
+optimisation; :func:`worker.pipeline.process_many`), each with the result it gets alone.
+
 A file that is not readable DICOM is reported and skipped, with its reason; the rest go on.  A
 folder gives every file in it: each file that is not DICOM is named as skipped too.  The exit
 status is 1 when any file failed or was skipped.  Images are decoded as in the worker: checked
@@ -34,7 +37,7 @@ from dicom_node.core.settings import Settings
 from monai_bundle.scripts.dicom_image import DEFER_SIZE, is_dicom_file
 from worker.decoder import Decoder
 from worker.engine import Engine, load_engine
-from worker.pipeline import InstanceResult, process_dataset
+from worker.pipeline import InstanceResult, process_many
 from worker.results.outcome import Prediction
 from worker.results.render import save_png
 from worker.runtime import decode_limits
@@ -101,24 +104,11 @@ def summary(path: Path, result: InstanceResult, engine: Engine, total_s: float) 
     return record
 
 
-def infer_file(
-    path: Path,
-    engine: Engine,
-    settings: Settings,
-    out: Path,
-    *,
-    decoder: Decoder,
-    preset: str | None,
-    png: bool,
+def write_outputs(
+    path: Path, result: InstanceResult, engine: Engine, out: Path, *, png: bool, total_s: float
 ) -> dict[str, Any]:
-    """Process one file; raises ``InvalidDicomError``/``OSError`` for unreadable files and
-    ``ResultError`` for a header no result can be built from."""
-    start = time.perf_counter()
-    ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
-    result = process_dataset(
-        ds, path, engine, settings.results, settings.selection, decoder=decoder, preset=preset
-    )
-    record = summary(path, result, engine, time.perf_counter() - start)
+    """Write the SR, the SC (and its PNG) and the JSON summary of one input; the summary."""
+    record = summary(path, result, engine, total_s)
     stem = path.stem
     if result.sr is not None:
         target = out / f"{stem}.sr.dcm"
@@ -134,6 +124,49 @@ def infer_file(
     return record
 
 
+#: What a file that cannot be processed raises: it is reported and skipped, the rest go on.
+FILE_ERRORS = (InvalidDicomError, OSError, ValueError, CoronetError)
+
+
+def infer_batch(
+    paths: Sequence[Path],
+    engine: Engine,
+    settings: Settings,
+    out: Path,
+    *,
+    decoder: Decoder,
+    preset: str | None,
+    png: bool,
+) -> Iterator[tuple[Path, dict[str, Any] | Exception]]:
+    """Process the files together (:func:`worker.pipeline.process_many`, one batch); each
+    file's summary, or the error (of :data:`FILE_ERRORS`) for which it was skipped.  A file's
+    ``total_s`` is its share of the batch's time."""
+    start = time.perf_counter()
+    read: list[tuple[Path, pydicom.Dataset]] = []
+    for path in paths:
+        try:
+            read.append((path, pydicom.dcmread(path, defer_size=DEFER_SIZE)))
+        except FILE_ERRORS as err:
+            yield path, err
+    results = process_many(
+        [(ds, path) for path, ds in read],
+        engine,
+        settings.results,
+        settings.selection,
+        decoder=decoder,
+        preset=preset,
+        batch_size=max(1, len(read)),
+    )
+    share = (time.perf_counter() - start) / max(1, len(read))
+    for (path, _), result in zip(read, results, strict=True):
+        if isinstance(result, FILE_ERRORS):
+            yield path, result
+        elif isinstance(result, Exception):
+            raise result  # not about the file: a failure of this program or machine
+        else:
+            yield path, write_outputs(path, result, engine, out, png=png, total_s=share)
+
+
 def run_infer(
     inputs: Sequence[Path],
     out: Path,
@@ -144,8 +177,12 @@ def run_infer(
     weights: Path | None = None,
     preset: str | None = "default",
     png: bool = False,
+    batch: int = 1,
 ) -> int:
-    """Process every input; return the exit status (1 when any file failed or was skipped)."""
+    """Process every input, ``batch`` images at a time together; return the exit status (1
+    when any file failed or was skipped)."""
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
     paths, skipped = screen_inputs(inputs)
     for name, why in skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
@@ -157,17 +194,24 @@ def run_infer(
         bundle_dir or settings.model.bundle_dir, device or settings.model.device, weights
     )
     failures = dict(skipped)
-    with Decoder(decode_limits(settings, engine)) as decoder:
-        for path in tqdm(paths, desc="coronet infer", unit="img", disable=len(paths) < 2):
-            try:
-                record = infer_file(
-                    path, engine, settings, out, decoder=decoder, preset=preset, png=png
-                )
-            except (InvalidDicomError, OSError, ValueError, CoronetError) as err:
-                failures[str(path)] = f"{type(err).__name__}: {err}"
-                tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
-                continue
-            tqdm.write(f"{path.name}: {record['predicted'] or 'not assessable'}")
+    with (
+        Decoder(decode_limits(settings, engine)) as decoder,
+        tqdm(
+            total=len(paths), desc="coronet infer", unit="img", disable=len(paths) < 2
+        ) as progress,
+    ):
+        for first in range(0, len(paths), batch):
+            chunk = paths[first : first + batch]
+            done = infer_batch(
+                chunk, engine, settings, out, decoder=decoder, preset=preset, png=png
+            )
+            for path, record in done:
+                progress.update()
+                if isinstance(record, Exception):
+                    failures[str(path)] = f"{type(record).__name__}: {record}"
+                    tqdm.write(f"skipped {path}: {record}", file=sys.stderr)
+                else:
+                    tqdm.write(f"{path.name}: {record['predicted'] or 'not assessable'}")
     total = len(paths) + len(skipped)
     print(f"{total - len(failures)} of {total} files processed; results in {out}")
     for name, why in failures.items():

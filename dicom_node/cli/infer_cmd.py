@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dicom_node.cli.common import add_config_options, settings_from_args
+from dicom_node.cli.common import add_config_options, positive_int, settings_from_args
 
 
 def _preset(args: argparse.Namespace) -> str | None:
@@ -28,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
         weights=args.weights,
         preset=_preset(args),
         png=args.png,
+        batch=args.batch,
     )
 
 
@@ -58,5 +59,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--weights", type=Path, help="CoroNet weights (default: the bundle's models/model.pt)"
     )
     parser.add_argument("--device", help="auto, cpu or cuda:N (default: model.device)")
+    parser.add_argument(
+        "--batch",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="analyse N images together: one forward pass and one heatmap optimisation (for "
+        "GPUs; default 1); each file's total_s is then its share of its batch",
+    )
     add_config_options(parser)
     parser.set_defaults(handler=_run)
