@@ -196,7 +196,7 @@ def test_a_batch_gives_each_file_what_it_gets_alone(
     folder = tmp_path / "in"
     folder.mkdir()
     for index, label in enumerate(("normal", "pneumonia", "COVID-19")):
-        phantom_cr(folder / f"{index}-{label}.dcm", label=label, seed=index)
+        phantom_cr(folder / f"{index}-{label}.dcm", label=label, seed=index, size=256)
     shutil.copy(rg1(), folder / "3-rg1.dcm")
     (folder / "4-broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
     runs = {}
