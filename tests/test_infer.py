@@ -214,3 +214,17 @@ def test_a_batch_gives_each_file_what_it_gets_alone(
             assert together["probabilities"][label] == pytest.approx(p, abs=1e-5)
     for name in (n for n in runs["3"] if n.endswith(".dcm")):
         assert not dciodvfy(runs["3"][name]).errors, name
+
+
+def test_a_result_that_cannot_be_written_is_reported_and_the_rest_go_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for name, seed in (("a", 1), ("b", 2)):
+        phantom_cr(folder / f"{name}.dcm", seed=seed, size=256)
+    (out / "a.json").mkdir(parents=True)  # a's summary cannot be written there
+    assert infer(str(folder), "--out", str(out), "--no-heatmap", "--batch", "2") == 1
+    assert json.loads((out / "b.json").read_text())["predicted"] is not None
+    captured = capsys.readouterr()
+    assert f"failed: {folder / 'a.dcm'}: IsADirectoryError" in captured.err
+    assert "1 of 2 files processed" in captured.out

@@ -164,7 +164,13 @@ def infer_batch(
         elif isinstance(result, Exception):
             raise result  # not about the file: a failure of this program or machine
         else:
-            yield path, write_outputs(path, result, engine, out, png=png, total_s=share)
+            try:
+                record: dict[str, Any] | Exception = write_outputs(
+                    path, result, engine, out, png=png, total_s=share
+                )
+            except FILE_ERRORS as err:  # e.g. the output folder is full
+                record = err
+            yield path, record
 
 
 def run_infer(
