@@ -193,17 +193,21 @@ def test_every_task_of_a_failed_batch_hears_of_it(pool: ThreadPoolExecutor) -> N
     batcher.stop()
 
 
-def test_a_task_waits_at_most_its_time_limit() -> None:
+def test_a_task_waits_at_most_its_time_limit(pool: ThreadPoolExecutor) -> None:
     hold = threading.Event()
     overruns: list[float] = []
-    batcher = _batcher(
-        Recorder(hold=hold), wait_s=0.3, overrun_s=30.0, on_overrun=lambda: overruns.append(1)
-    )
+    recorder = Recorder(hold=hold)
+    batcher = _batcher(recorder, wait_s=0.3, overrun_s=30.0, on_overrun=lambda: overruns.append(1))
+    running = pool.submit(_task, batcher, "a", 1)
+    assert recorder.started.wait(10)
     with pytest.raises(BatchTimeout, match=r"no result for 1 images after 0\.3 s"):
-        _task(batcher, "a", 1)
+        _task(batcher, "queued", 1)  # waits behind the held batch
+    with pytest.raises(BatchTimeout):
+        running.result(10)
     hold.set()
     batcher.stop()
     assert overruns == []  # slow, but not stuck
+    assert recorder.batches == [["a/0"]]  # the request that timed out was never analysed
 
 
 def test_a_batch_stuck_past_the_hard_limit_triggers_the_watchdog() -> None:

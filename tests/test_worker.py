@@ -131,6 +131,9 @@ def test_batch_runs_its_tasks_in_the_threads_of_one_process() -> None:
         args = build_parser().parse_args(["worker", "--batch", "2", *extra])
         with pytest.raises(ConfigError, match="one batching worker per GPU"):
             worker_options(args, "cpu", 0)
+    for wait in ("-1", "nan"):
+        with pytest.raises(SystemExit):  # argparse: a usage error
+            build_parser().parse_args(["worker", "--batch", "2", "--batch-wait", wait])
     with pytest.raises(ConfigError, match="threads pool runs batches"):
         WorkerOptions(pool="threads")
     with pytest.raises(ConfigError, match="one task per image"):

@@ -157,6 +157,9 @@ class Batcher:
             self._queue.append(request)
             self._changed.notify_all()
         if not request.done.wait(self.wait_s):
+            with self._changed:  # still waiting for its batch: nobody wants its results now
+                if request in self._queue:
+                    self._queue.remove(request)
             raise BatchTimeout(f"no result for {len(sources)} images after {self.wait_s:g} s")
         if request.error is not None:
             raise request.error
